@@ -1,0 +1,12 @@
+//! Sans-IO SMTP protocol core.
+//!
+//! Nothing here performs I/O, spawns tasks or reads clocks: bytes go in, replies and events come
+//! out. The server crate drives it with sockets; tests drive it with byte slices.
+
+pub mod parse;
+pub mod reply;
+pub mod types;
+
+pub use parse::parse_command;
+pub use reply::{EnhancedStatus, Reply};
+pub use types::*;
