@@ -3,10 +3,14 @@
 //! Nothing here performs I/O, spawns tasks or reads clocks: bytes go in, replies and events come
 //! out. The server crate drives it with sockets; tests drive it with byte slices.
 
+pub mod codec;
 pub mod parse;
 pub mod reply;
+pub mod session;
+pub mod trace;
 pub mod types;
 
 pub use parse::parse_command;
 pub use reply::{EnhancedStatus, Reply};
+pub use session::{Event, ServerSession, SessionConfig, Transaction};
 pub use types::*;

@@ -137,7 +137,7 @@ pub const DATA_AFTER_BDAT: Reply =
 pub const TLS_ALREADY_ACTIVE: Reply = Reply::new(503, st(5, 5, 1), "TLS already active");
 pub const STARTTLS_IN_TRANSACTION: Reply =
     Reply::new(503, st(5, 5, 1), "STARTTLS not allowed during a mail transaction");
-pub const TLS_NOT_AVAILABLE: Reply = Reply::new(454, st(4, 7, 0), "TLS not available");
+pub const STARTTLS_UNAVAILABLE: Reply = Reply::new(502, st(5, 5, 1), "STARTTLS not available");
 pub const BDAT_WITHOUT_TRANSACTION: Reply =
     Reply::new(503, st(5, 5, 1), "BDAT chunk discarded: need MAIL and RCPT first");
 pub const PARAMETERS_NEED_EHLO: Reply =
