@@ -1,1 +1,170 @@
-fn main() {}
+//! Postilion, a mail transfer agent.
+
+mod config;
+mod conn;
+mod delivery;
+mod router;
+mod server;
+mod tls;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use spool::{QueueStore, SqliteSpool};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::server::{ConnectionLimiter, Server};
+
+#[derive(Parser)]
+#[command(name = "postilion", version, about = "Postilion mail transfer agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Runs the server. Without --config: listens on 127.0.0.1:2525 and accepts mail for
+    /// `localhost`, every local part its own mailbox.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (spool, Maildirs, generated TLS key); overrides `data_dir`.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Checks a configuration file and exits.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("POSTILION_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Commands::CheckConfig { config } => {
+            Config::load(&config)?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+        Commands::Serve { config, data } => {
+            let mut config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::default(),
+            };
+            if let Some(data) = data {
+                config.data_dir = data;
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    create_private_dir(&config.data_dir)?;
+    let data_dir = config.data_dir.canonicalize().context("resolving the data directory")?;
+    let spool: Arc<dyn QueueStore> =
+        Arc::new(SqliteSpool::open(&data_dir.join("spool")).with_context(|| {
+            format!("opening the spool in {}", data_dir.join("spool").display())
+        })?);
+    let router = Arc::new(router::Router::new(&config.local)?);
+    let needs_tls = config.listeners.iter().any(|l| l.tls != config::TlsMode::None);
+    let tls = match needs_tls {
+        true => Some(tls::server_config(
+            config.tls.certificate.as_deref(),
+            config.tls.private_key.as_deref(),
+            &data_dir,
+            &config.hostname,
+        )?),
+        false => None,
+    };
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let maildir_root = data_dir.join("maildir");
+    create_private_dir(&maildir_root)?;
+    let (delivery_queue, delivery_done) = delivery::start(
+        delivery::Deliverer {
+            spool: spool.clone(),
+            router: router.clone(),
+            maildir: maildir::MaildirRoot::new(maildir_root),
+            config: config.delivery.clone(),
+        },
+        shutdown.clone(),
+    );
+    let recovered =
+        delivery::recover(spool.as_ref(), &delivery_queue).await.context("recovering the queue")?;
+    let listeners = server::bind_listeners(&config, tls).await?;
+    println!("data directory {}", data_dir.display());
+    info!(recovered, hostname = %config.hostname, data_dir = %data_dir.display(), "postilion started");
+    let grace = config.timeouts.shutdown_grace;
+    let server = Arc::new(Server {
+        limiter: ConnectionLimiter::new(
+            config.limits.connections,
+            config.limits.connections_per_ip,
+        ),
+        router: router.clone(),
+        config,
+        spool: spool.clone(),
+        delivery: delivery_queue,
+        shutdown,
+    });
+    let serving = tokio::spawn(server::run(server, listeners));
+    wait_for_signal().await;
+    info!(
+        "shutting down: no new connections; messages in progress have {}s to finish",
+        grace.as_secs()
+    );
+    let _ = shutdown_tx.send(true);
+    if tokio::time::timeout(grace + Duration::from_secs(5), serving).await.is_err() {
+        warn!("sessions still open after the grace period; closing them");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), delivery_done).await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            warn!(%error, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Creates a directory only the server's user can read (0700).
+fn create_private_dir(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,463 @@
+//! The TOML configuration: serde structs with documented defaults, checked once at start-up.
+//! README.md documents every key; keep the two in step.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Deserializer};
+use smtp_proto::codec::BareLineEndings;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Our host name: greeting, EHLO, Received. Default: the system host name.
+    pub hostname: String,
+    /// Where the spool, Maildirs and generated TLS key live. Default `postilion-data`.
+    pub data_dir: PathBuf,
+    pub listeners: Vec<ListenerConfig>,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub local: LocalConfig,
+    pub spool: SpoolConfig,
+    pub delivery: DeliveryConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// A name for logs. Default `smtp`.
+    #[serde(default = "default_listener_name")]
+    pub name: String,
+    /// `ip:port`; port 0 picks a free port (printed at start-up).
+    pub address: SocketAddr,
+    /// `none`, `starttls` (default) or `implicit` (RFC 8314).
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// `reject` (default) or `normalize` bare CR/LF in DATA.
+    #[serde(default)]
+    pub bare_line_endings: BareLineEndingsConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    None,
+    #[default]
+    Starttls,
+    Implicit,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::None => "plain",
+            TlsMode::Starttls => "starttls",
+            TlsMode::Implicit => "implicit-tls",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BareLineEndingsConfig {
+    #[default]
+    Reject,
+    Normalize,
+}
+
+impl From<BareLineEndingsConfig> for BareLineEndings {
+    fn from(value: BareLineEndingsConfig) -> Self {
+        match value {
+            BareLineEndingsConfig::Reject => BareLineEndings::Reject,
+            BareLineEndingsConfig::Normalize => BareLineEndings::Normalize,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain. Unset: a self-signed certificate is generated in
+    /// `<data_dir>/tls/` on first start and kept.
+    pub certificate: Option<PathBuf>,
+    /// PEM private key for `certificate`.
+    pub private_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest message in octets (advertised with SIZE). Default 25 MiB.
+    #[serde(deserialize_with = "de_size")]
+    pub message_size: u64,
+    /// Recipients per transaction. Default 100 (RFC 5321 section 4.5.3.1.8).
+    pub recipients: usize,
+    /// Command line octets including CRLF; MAIL and RCPT get 1024 more for ESMTP parameters.
+    /// Default 512 (RFC 5321 section 4.5.3.1.4).
+    pub command_line: usize,
+    /// DATA text line octets including CRLF, 0 for no limit. Default 1000 (RFC 5321
+    /// section 4.5.3.1.6).
+    pub data_line: usize,
+    /// Default 64 (RFC 5321 section 4.5.3.1.1).
+    pub local_part: usize,
+    /// Default 255 (RFC 5321 section 4.5.3.1.2).
+    pub domain: usize,
+    /// Failed commands before 421 and close. Default 20.
+    pub errors: u32,
+    /// Received fields that mean a loop (RFC 5321 section 6.3). Default 100.
+    pub received_headers: usize,
+    /// Simultaneous connections over all listeners. Default 1000.
+    pub connections: usize,
+    /// Simultaneous connections from one IP address. Default 50.
+    pub connections_per_ip: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            message_size: 25 * 1024 * 1024,
+            recipients: 100,
+            command_line: 512,
+            data_line: 1000,
+            local_part: 64,
+            domain: 255,
+            errors: 20,
+            received_headers: 100,
+            connections: 1000,
+            connections_per_ip: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Waiting for the next command. Default 5m (RFC 5321 section 4.5.3.2.7).
+    #[serde(deserialize_with = "de_duration")]
+    pub command: Duration,
+    /// Waiting for more message data. Default 3m (RFC 5321 section 4.5.3.2.5 gives the client
+    /// 3 minutes per data block; the server waits as long).
+    #[serde(deserialize_with = "de_duration")]
+    pub data: Duration,
+    /// TLS handshake. Default 30s.
+    #[serde(deserialize_with = "de_duration")]
+    pub tls_handshake: Duration,
+    /// On SIGTERM, how long a message being received may take to finish. Default 30s.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            command: Duration::from_secs(300),
+            data: Duration::from_secs(180),
+            tls_handshake: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// Domains delivered here. Default `["localhost"]`.
+    pub domains: Vec<String>,
+    /// Mailbox names. Empty (default): every local part is its own mailbox.
+    pub mailboxes: Vec<String>,
+    /// Mailbox that receives mail for unknown local parts; empty (default) refuses them.
+    pub catch_all: String,
+    /// Separator of plus-addressing (`user+tag` delivers to `user`); empty disables it.
+    /// Default `+`.
+    pub recipient_delimiter: String,
+    /// Local part -> targets (local parts, or addresses in local domains).
+    pub aliases: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            domains: vec!["localhost".into()],
+            mailboxes: Vec::new(),
+            catch_all: String::new(),
+            recipient_delimiter: "+".into(),
+            aliases: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Free space the data directory's file system must keep; below it new mail gets
+    /// 452 4.3.1. Default 100 MiB.
+    #[serde(deserialize_with = "de_size")]
+    pub free_space_reserve: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig { free_space_reserve: 100 * 1024 * 1024 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Concurrent local deliveries. Default 4.
+    pub workers: usize,
+    /// First retry delay after a temporary failure; doubles up to `retry_max`. Default 1m.
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_initial: Duration,
+    /// Default 1h.
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_max: Duration,
+    /// A recipient still failing temporarily this long after arrival fails. Default 5d.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_lifetime: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            workers: 4,
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            max_lifetime: Duration::from_secs(5 * 86_400),
+        }
+    }
+}
+
+fn default_listener_name() -> String {
+    "smtp".into()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: system_hostname(),
+            data_dir: PathBuf::from("postilion-data"),
+            listeners: vec![ListenerConfig {
+                name: default_listener_name(),
+                address: SocketAddr::from(([127, 0, 0, 1], 2525)),
+                tls: TlsMode::Starttls,
+                bare_line_endings: BareLineEndingsConfig::Reject,
+            }],
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            local: LocalConfig::default(),
+            spool: SpoolConfig::default(),
+            delivery: DeliveryConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
+        config.check().with_context(|| format!("checking config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Catches what serde cannot: values out of range and references that do not resolve.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.hostname.is_empty()
+            || self.hostname.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            bail!("hostname {:?} is not a host name", self.hostname);
+        }
+        if self.listeners.is_empty() {
+            bail!("at least one [[listeners]] entry is needed");
+        }
+        let limits = &self.limits;
+        if limits.command_line < 512 {
+            bail!("limits.command_line must be at least 512 (RFC 5321 section 4.5.3.1.4)");
+        }
+        if limits.data_line != 0 && limits.data_line < 1000 {
+            bail!("limits.data_line must be 0 or at least 1000 (RFC 5321 section 4.5.3.1.6)");
+        }
+        if limits.recipients == 0
+            || limits.errors == 0
+            || limits.connections == 0
+            || limits.connections_per_ip == 0
+        {
+            bail!("limits.recipients, errors, connections and connections_per_ip must be positive");
+        }
+        if limits.local_part < 64 || limits.domain < 255 {
+            bail!(
+                "limits.local_part must be at least 64 and limits.domain at least 255 (RFC 5321 section 4.5.3.1)"
+            );
+        }
+        if self.local.domains.is_empty() {
+            bail!("local.domains must name at least one domain");
+        }
+        if self.delivery.workers == 0 {
+            bail!("delivery.workers must be positive");
+        }
+        if self.tls.certificate.is_some() != self.tls.private_key.is_some() {
+            bail!("tls.certificate and tls.private_key must be given together");
+        }
+        crate::router::Router::new(&self.local).context("in [local]")?;
+        Ok(())
+    }
+}
+
+/// The kernel's host name, or `localhost`.
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Parses `30s`, `5m`, `2h`, `5d`, `250ms` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 =
+        number.parse().map_err(|_| format!("{text:?} is not a duration such as 30s or 5m"))?;
+    let seconds = match unit.trim() {
+        "ms" => return Ok(Duration::from_millis(number)),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: unknown unit (use ms, s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(number.saturating_mul(seconds)))
+}
+
+/// Parses a size: a number of octets, or with a binary unit `K`, `M`, `G` (`KiB`, `MiB`,
+/// `GiB` and `KB`, `MB`, `GB` are read the same, as powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size such as 10M"))?;
+    let factor: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("{text:?}: unknown unit (use K, M or G)")),
+    };
+    number.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(u64),
+    Text(String),
+}
+
+fn de_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    match NumberOrText::deserialize(deserializer)? {
+        NumberOrText::Number(n) => Ok(n),
+        NumberOrText::Text(text) => parse_size(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    match NumberOrText::deserialize(deserializer)? {
+        NumberOrText::Number(n) => Ok(Duration::from_secs(n)),
+        NumberOrText::Text(text) => parse_duration(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("5d"), Ok(Duration::from_secs(432_000)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5 weeks").is_err());
+        assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("10M"), Ok(10 << 20));
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("10X").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let text = r#"
+            hostname = "mx.example.org"
+            data_dir = "/var/spool/postilion"
+            [[listeners]]
+            name = "mta"
+            address = "0.0.0.0:25"
+            [[listeners]]
+            name = "submissions"
+            address = "[::]:465"
+            tls = "implicit"
+            bare_line_endings = "normalize"
+            [tls]
+            certificate = "/etc/cert.pem"
+            private_key = "/etc/key.pem"
+            [limits]
+            message_size = "50M"
+            recipients = 200
+            [timeouts]
+            command = "2m"
+            data = 120
+            [local]
+            domains = ["example.org", "example.net"]
+            mailboxes = ["alice", "bob"]
+            catch_all = "alice"
+            [local.aliases]
+            team = ["alice", "bob@example.net"]
+            [spool]
+            free_space_reserve = "1G"
+            [delivery]
+            workers = 8
+            max_lifetime = "3d"
+        "#;
+        let config: Config = toml::from_str(text).unwrap();
+        config.check().unwrap();
+        assert_eq!(config.listeners[1].tls, TlsMode::Implicit);
+        assert_eq!(config.limits.message_size, 50 << 20);
+        assert_eq!(config.limits.errors, 20, "unset keys keep their defaults");
+        assert_eq!(config.timeouts.data, Duration::from_secs(120));
+        assert_eq!(config.spool.free_space_reserve, 1 << 30);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(toml::from_str::<Config>("hostnme = \"x\"").is_err());
+        assert!(toml::from_str::<Config>("[limits]\nmessage_size = \"big\"").is_err());
+        let config: Config = toml::from_str("[limits]\ncommand_line = 100").unwrap();
+        assert!(config.check().is_err());
+        let config: Config =
+            toml::from_str("[local]\naliases = { a = [\"x@remote.example\"] }").unwrap();
+        assert!(config.check().is_err(), "remote alias targets are not deliverable yet");
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        Config::default().check().unwrap();
+    }
+}

@@ -1,0 +1,242 @@
+//! Drives one SMTP session over a socket: reads into a bounded buffer, feeds the sans-IO
+//! session, writes its replies, and applies timeouts, STARTTLS and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smtp_proto::reply::{self, Reply};
+use smtp_proto::{Event, ServerSession};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use crate::config::TlsMode;
+use crate::server::{ConnectionFacts, ConnectionPermit, Listener, Server};
+
+/// Bytes read from the socket at a time. The session never needs more than this buffered:
+/// every feed consumes all input or stops for an event that is handled before reading again.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// How a session ended on one stream.
+enum Ended {
+    /// The session is over (QUIT, error limit, timeout, shutdown, peer gone).
+    Closed(&'static str),
+    /// STARTTLS was accepted: run the handshake and continue on the TLS stream.
+    StartTls,
+}
+
+/// Tells an over-limit client to come back later (RFC 5321 section 3.8: 421 before closing).
+pub async fn refuse(mut stream: TcpStream, peer: SocketAddr) {
+    warn!(client = %peer.ip(), "connection refused: too many connections");
+    let wire = reply::TOO_MANY_CONNECTIONS.to_bytes();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&wire)).await;
+}
+
+/// Serves one connection to the end.
+pub async fn serve(
+    server: Arc<Server>,
+    listener: Arc<Listener>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: ConnectionPermit,
+) {
+    let started = Instant::now();
+    let _ = stream.set_nodelay(true);
+    let mut facts = ConnectionFacts { peer, tls: None };
+    let mut driver =
+        Driver { server: &server, facts: &mut facts, messages: 0, shutting_down: None };
+    let mut session =
+        ServerSession::new(listener.session_config.clone(), listener.mode == TlsMode::Implicit);
+    let outcome = match (&listener.tls, listener.mode) {
+        (Some(acceptor), TlsMode::Implicit) => match driver.handshake(acceptor, stream).await {
+            Ok(mut tls) => {
+                session.greet();
+                driver.run(&mut tls, &mut session).await
+            }
+            Err(why) => Err(why),
+        },
+        _ => {
+            let mut stream = stream;
+            session.greet();
+            match driver.run(&mut stream, &mut session).await {
+                Ok(Ended::StartTls) => match &listener.tls {
+                    Some(acceptor) => match driver.handshake(acceptor, stream).await {
+                        Ok(mut tls) => {
+                            session.tls_started();
+                            driver.run(&mut tls, &mut session).await
+                        }
+                        Err(why) => Err(why),
+                    },
+                    None => Ok(Ended::Closed("STARTTLS without TLS configured")),
+                },
+                other => other,
+            }
+        }
+    };
+    let end = match outcome {
+        Ok(Ended::Closed(why)) => why,
+        Ok(Ended::StartTls) => "second STARTTLS",
+        Err(why) => why,
+    };
+    let messages = driver.messages;
+    info!(
+        client = %peer.ip(),
+        port = peer.port(),
+        listener = %listener.name,
+        tls = facts.tls.as_ref().map(|(v, _)| v.as_str()).unwrap_or("no"),
+        helo = ?session.greeting().map(|g| g.name.to_string()),
+        messages,
+        seconds = started.elapsed().as_secs_f64(),
+        end,
+        "connection closed"
+    );
+}
+
+struct Driver<'a> {
+    server: &'a Server,
+    facts: &'a mut ConnectionFacts,
+    /// Messages accepted in this connection.
+    messages: u32,
+    /// Set when shutdown began: the moment by which a message in progress must be done.
+    shutting_down: Option<tokio::time::Instant>,
+}
+
+impl Driver<'_> {
+    async fn handshake(
+        &mut self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        stream: TcpStream,
+    ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, &'static str> {
+        let timeout = self.server.config.timeouts.tls_handshake;
+        match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                self.facts.tls = Some(crate::tls::describe(tls.get_ref().1));
+                Ok(tls)
+            }
+            Ok(Err(error)) => {
+                warn!(client = %self.facts.peer.ip(), %error, "TLS handshake failed");
+                Err("TLS handshake failed")
+            }
+            Err(_) => Err("TLS handshake timed out"),
+        }
+    }
+
+    /// Runs the session on one stream until it closes or upgrades to TLS.
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        session: &mut ServerSession,
+    ) -> Result<Ended, &'static str> {
+        let timeouts = &self.server.config.timeouts;
+        let mut shutdown = self.server.shutdown.clone();
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_BUFFER);
+        loop {
+            // Use everything buffered, answering events as they come.
+            let mut start = 0;
+            loop {
+                let (used, event) = session.feed(&buf[start..]);
+                start += used;
+                match event {
+                    Event::NeedInput => break,
+                    Event::Mail => {
+                        let verdict = session
+                            .pending_mail()
+                            .map_or(Ok(()), |mail| self.server.check_mail(mail));
+                        session.mail_verdict(verdict);
+                    }
+                    Event::Rcpt => {
+                        let verdict = session
+                            .pending_rcpt()
+                            .map_or(Ok(()), |rcpt| self.server.check_rcpt(rcpt));
+                        session.rcpt_verdict(verdict);
+                    }
+                    Event::Message => {
+                        // Replies so far go out now: storing may take a while.
+                        flush(stream, session).await?;
+                        let reply = self.store(session).await;
+                        session.message_verdict(reply);
+                    }
+                    Event::StartTls => {
+                        // RFC 3207 section 4.2 / CVE-2011-0411: whatever the client sent after
+                        // STARTTLS in plaintext is dropped with the buffer.
+                        flush(stream, session).await?;
+                        return Ok(Ended::StartTls);
+                    }
+                    Event::Close => {
+                        flush(stream, session).await?;
+                        return Ok(Ended::Closed("closed by protocol"));
+                    }
+                }
+            }
+            buf.clear();
+            if self.shutting_down.is_some() && !session.in_data() {
+                session.send(reply::SHUTTING_DOWN.and_close());
+                flush(stream, session).await?;
+                return Ok(Ended::Closed("shutdown"));
+            }
+            flush(stream, session).await?;
+            let idle = if session.in_data() { timeouts.data } else { timeouts.command };
+            let mut deadline = tokio::time::Instant::now() + idle;
+            if let Some(grace_end) = self.shutting_down {
+                deadline = deadline.min(grace_end);
+            }
+            tokio::select! {
+                read = stream.read_buf(&mut buf) => match read {
+                    Ok(0) => return Ok(Ended::Closed("client closed the connection")),
+                    Ok(_) => {}
+                    Err(_) => return Err("read error"),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    let (reply, why) = match self.shutting_down {
+                        Some(_) => (reply::SHUTTING_DOWN, "shutdown grace period over"),
+                        None => (reply::TIMEOUT, "timeout"),
+                    };
+                    session.send(reply.and_close());
+                    flush(stream, session).await?;
+                    return Ok(Ended::Closed(why));
+                }
+                _ = async { let _ = shutdown.wait_for(|stopping| *stopping).await; }, if self.shutting_down.is_none() => {
+                    self.shutting_down = Some(tokio::time::Instant::now() + timeouts.shutdown_grace);
+                }
+            }
+        }
+    }
+
+    async fn store(&mut self, session: &mut ServerSession) -> Reply {
+        let (helo, esmtp) = match session.greeting() {
+            Some(greeting) => (greeting.name.to_string(), greeting.esmtp),
+            None => (String::new(), false),
+        };
+        let Some(transaction) = session.take_message() else {
+            return reply::LOCAL_ERROR;
+        };
+        let reply = self.server.accept_message(transaction, self.facts, &helo, esmtp).await;
+        if reply.is_positive() {
+            self.messages += 1;
+        }
+        reply
+    }
+}
+
+/// Sends the session's pending replies.
+async fn flush<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    session: &mut ServerSession,
+) -> Result<(), &'static str> {
+    if session.output().is_empty() {
+        return Ok(());
+    }
+    let result = async {
+        stream.write_all(session.output()).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(Duration::from_secs(60), result).await {
+        Ok(Ok(())) => {
+            session.clear_output();
+            Ok(())
+        }
+        Ok(Err(_)) => Err("write error"),
+        Err(_) => Err("write timeout"),
+    }
+}

@@ -1,0 +1,291 @@
+//! Local recipients: which addresses are ours, and which mailboxes they deliver to.
+//!
+//! Aliases, plus-addressing and the catch-all are resolved when the message is accepted, like
+//! Postfix's virtual alias expansion before queueing: the queue then holds one recipient per
+//! final mailbox, so per-recipient delivery state is exact and a crash never redelivers to a
+//! mailbox that already has its copy.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use anyhow::{Context, bail};
+use smtp_proto::{Domain, ForwardPath, Mailbox};
+
+use crate::config::LocalConfig;
+
+/// How deep aliases may point to aliases.
+const MAX_ALIAS_DEPTH: usize = 8;
+
+#[derive(Debug)]
+pub struct Router {
+    /// Local domains, lower case.
+    domains: HashSet<String>,
+    /// Listed mailboxes; `None` when every valid local part is a mailbox.
+    mailboxes: Option<HashSet<String>>,
+    catch_all: Option<String>,
+    delimiter: Option<String>,
+    /// Alias name (lower case) -> targets as (local part, domain).
+    aliases: HashMap<String, Vec<(String, String)>>,
+}
+
+/// The result of looking up a recipient.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// Local, delivered to these final addresses (at least one).
+    Local(Vec<String>),
+    /// A local domain without such a user.
+    NoSuchUser,
+    /// Not one of our domains.
+    NotLocal,
+}
+
+impl Router {
+    pub fn new(config: &LocalConfig) -> anyhow::Result<Router> {
+        let domains: HashSet<String> =
+            config.domains.iter().map(|d| d.trim_end_matches('.').to_ascii_lowercase()).collect();
+        let mailboxes = if config.mailboxes.is_empty() {
+            None
+        } else {
+            let mut set = HashSet::new();
+            for name in &config.mailboxes {
+                let name = name.to_lowercase();
+                if !maildir::is_valid_mailbox_name(&name) {
+                    bail!("mailbox name {name:?} cannot be a Maildir directory");
+                }
+                set.insert(name);
+            }
+            Some(set)
+        };
+        let catch_all = (!config.catch_all.is_empty()).then(|| config.catch_all.to_lowercase());
+        let delimiter =
+            (!config.recipient_delimiter.is_empty()).then(|| config.recipient_delimiter.clone());
+        let first_domain =
+            config.domains.first().context("local.domains is empty")?.to_ascii_lowercase();
+        let mut aliases = HashMap::new();
+        for (name, targets) in &config.aliases {
+            let mut resolved = Vec::new();
+            for target in targets {
+                let (local, domain) = match target.rsplit_once('@') {
+                    Some((local, domain)) => (local.to_lowercase(), domain.to_ascii_lowercase()),
+                    None => (target.to_lowercase(), first_domain.clone()),
+                };
+                if !domains.contains(&domain) {
+                    bail!(
+                        "alias {name:?} points to {target:?}, outside the local domains; \
+                         remote alias targets need outbound delivery, which this version lacks"
+                    );
+                }
+                resolved.push((local, domain));
+            }
+            aliases.insert(name.to_lowercase(), resolved);
+        }
+        let router = Router { domains, mailboxes, catch_all, delimiter, aliases };
+        if let Some(catch_all) = &router.catch_all {
+            if !router.is_mailbox(catch_all) {
+                bail!("catch_all {catch_all:?} is not a mailbox");
+            }
+        }
+        // Every alias must end in mailboxes within the depth limit.
+        for name in config.aliases.keys() {
+            let mut out = BTreeSet::new();
+            router
+                .expand_alias(&name.to_lowercase(), 0, &mut out)
+                .with_context(|| format!("alias {name:?}"))?;
+        }
+        Ok(router)
+    }
+
+    pub fn is_local_domain(&self, domain: &Domain) -> bool {
+        match domain {
+            Domain::Name(name) => {
+                self.domains.contains(&name.trim_end_matches('.').to_ascii_lowercase())
+            }
+            _ => false,
+        }
+    }
+
+    /// Looks up a RCPT TO path.
+    pub fn resolve(&self, path: &ForwardPath) -> Lookup {
+        let (local_part, domain) = match path {
+            // RFC 5321 section 4.5.1: <Postmaster> MUST be accepted.
+            ForwardPath::Postmaster => {
+                let domain =
+                    self.domains.iter().min().cloned().unwrap_or_else(|| "localhost".into());
+                ("postmaster".to_string(), domain)
+            }
+            ForwardPath::Mailbox(Mailbox { local_part, domain }) => {
+                if !self.is_local_domain(domain) {
+                    return Lookup::NotLocal;
+                }
+                (local_part.clone(), domain.to_string().trim_end_matches('.').to_ascii_lowercase())
+            }
+        };
+        let key = local_part.to_lowercase();
+        let base = self.strip_extension(&key);
+        let mut out = BTreeSet::new();
+        for name in [key.as_str(), base] {
+            if self.aliases.contains_key(name) {
+                return match self.expand_alias(name, 0, &mut out) {
+                    Ok(()) => Lookup::Local(out.into_iter().collect()),
+                    Err(_) => Lookup::NoSuchUser,
+                };
+            }
+        }
+        // RFC 5321 section 4.5.1: postmaster@ every local domain MUST be accepted, whatever
+        // the mailbox list says; the local part is case-insensitive here.
+        if self.is_mailbox(base) || base == "postmaster" {
+            return Lookup::Local(vec![format!("{local_part}@{domain}")]);
+        }
+        match &self.catch_all {
+            Some(catch_all) => Lookup::Local(vec![format!("{catch_all}@{domain}")]),
+            None => Lookup::NoSuchUser,
+        }
+    }
+
+    /// The mailbox a final address (from [`Router::resolve`]) delivers to.
+    pub fn mailbox_for(&self, address: &str) -> Option<String> {
+        let (local_part, domain) = address.rsplit_once('@')?;
+        if !self.domains.contains(&domain.to_ascii_lowercase()) {
+            return None;
+        }
+        let key = local_part.to_lowercase();
+        let base = self.strip_extension(&key);
+        (self.is_mailbox(base) || base == "postmaster").then(|| base.to_string())
+    }
+
+    fn strip_extension<'a>(&self, local_part: &'a str) -> &'a str {
+        match &self.delimiter {
+            Some(delimiter) => match local_part.split_once(delimiter.as_str()) {
+                Some((base, _)) if !base.is_empty() => base,
+                _ => local_part,
+            },
+            None => local_part,
+        }
+    }
+
+    fn is_mailbox(&self, name: &str) -> bool {
+        match &self.mailboxes {
+            Some(listed) => listed.contains(name),
+            None => maildir::is_valid_mailbox_name(name),
+        }
+    }
+
+    fn expand_alias(
+        &self,
+        name: &str,
+        depth: usize,
+        out: &mut BTreeSet<String>,
+    ) -> anyhow::Result<()> {
+        if depth > MAX_ALIAS_DEPTH {
+            bail!("aliases nest deeper than {MAX_ALIAS_DEPTH} levels (a loop?)");
+        }
+        let targets = self.aliases.get(name).map(Vec::as_slice).unwrap_or_default();
+        for (local, domain) in targets {
+            if local != name && self.aliases.contains_key(local.as_str()) {
+                self.expand_alias(local, depth + 1, out)?;
+            } else if self.is_mailbox(local) || local == "postmaster" {
+                out.insert(format!("{local}@{domain}"));
+            } else {
+                bail!("target {local}@{domain} is not a mailbox");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rcpt(address: &str) -> ForwardPath {
+        let (local_part, domain) = address.rsplit_once('@').unwrap();
+        ForwardPath::Mailbox(Mailbox {
+            local_part: local_part.into(),
+            domain: Domain::Name(domain.into()),
+        })
+    }
+
+    fn local(addresses: &[&str]) -> Lookup {
+        Lookup::Local(addresses.iter().map(|a| a.to_string()).collect())
+    }
+
+    #[test]
+    fn open_mode_every_local_part_is_a_mailbox() {
+        let router = Router::new(&LocalConfig::default()).unwrap();
+        assert_eq!(router.resolve(&rcpt("alice@localhost")), local(&["alice@localhost"]));
+        assert_eq!(router.resolve(&rcpt("Bob@LOCALHOST.")), local(&["Bob@localhost"]));
+        assert_eq!(router.mailbox_for("Bob@localhost").as_deref(), Some("bob"));
+        assert_eq!(router.resolve(&rcpt("alice@example.org")), Lookup::NotLocal);
+        assert_eq!(router.resolve(&rcpt("../etc@localhost")), Lookup::NoSuchUser);
+        assert_eq!(router.resolve(&rcpt(".hidden@localhost")), Lookup::NoSuchUser);
+    }
+
+    #[test]
+    fn plus_addressing() {
+        let router = Router::new(&LocalConfig::default()).unwrap();
+        assert_eq!(router.resolve(&rcpt("alice+news@localhost")), local(&["alice+news@localhost"]));
+        assert_eq!(router.mailbox_for("alice+news@localhost").as_deref(), Some("alice"));
+        assert_eq!(router.mailbox_for("+x@localhost").as_deref(), Some("+x"));
+        let config = LocalConfig { recipient_delimiter: String::new(), ..LocalConfig::default() };
+        let router = Router::new(&config).unwrap();
+        assert_eq!(router.mailbox_for("alice+news@localhost").as_deref(), Some("alice+news"));
+    }
+
+    #[test]
+    fn listed_mailboxes_aliases_and_catch_all() {
+        let config = LocalConfig {
+            domains: vec!["example.org".into(), "example.net".into()],
+            mailboxes: vec!["alice".into(), "bob".into()],
+            aliases: [
+                ("team".to_string(), vec!["alice".to_string(), "bob@example.net".to_string()]),
+                ("all".to_string(), vec!["team".to_string(), "alice".to_string()]),
+            ]
+            .into(),
+            ..LocalConfig::default()
+        };
+        let router = Router::new(&config).unwrap();
+        assert_eq!(router.resolve(&rcpt("alice@example.org")), local(&["alice@example.org"]));
+        assert_eq!(router.resolve(&rcpt("carol@example.org")), Lookup::NoSuchUser);
+        assert_eq!(
+            router.resolve(&rcpt("team@example.org")),
+            local(&["alice@example.org", "bob@example.net"])
+        );
+        assert_eq!(
+            router.resolve(&rcpt("ALL+x@example.net")),
+            local(&["alice@example.org", "bob@example.net"])
+        );
+        assert_eq!(router.resolve(&ForwardPath::Postmaster), local(&["postmaster@example.net"]));
+        assert_eq!(
+            router.resolve(&rcpt("PostMaster@example.org")),
+            local(&["PostMaster@example.org"])
+        );
+        assert_eq!(router.mailbox_for("PostMaster@example.org").as_deref(), Some("postmaster"));
+        let config = LocalConfig { catch_all: "bob".into(), ..config };
+        let router = Router::new(&config).unwrap();
+        assert_eq!(router.resolve(&rcpt("carol@example.org")), local(&["bob@example.org"]));
+    }
+
+    #[test]
+    fn bad_alias_configs_are_refused() {
+        let looping = LocalConfig {
+            aliases: [
+                ("a".to_string(), vec!["b".to_string()]),
+                ("b".to_string(), vec!["a".to_string()]),
+            ]
+            .into(),
+            ..LocalConfig::default()
+        };
+        assert!(Router::new(&looping).is_err());
+        let unknown = LocalConfig {
+            mailboxes: vec!["alice".into()],
+            aliases: [("a".to_string(), vec!["nobody".to_string()])].into(),
+            ..LocalConfig::default()
+        };
+        assert!(Router::new(&unknown).is_err());
+        let bad_catch_all = LocalConfig {
+            mailboxes: vec!["alice".into()],
+            catch_all: "zed".into(),
+            ..LocalConfig::default()
+        };
+        assert!(Router::new(&bad_catch_all).is_err());
+    }
+}

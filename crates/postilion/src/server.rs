@@ -1,0 +1,344 @@
+//! The inbound server: listeners, connection caps, and turning accepted transactions into
+//! durable queue entries.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use smtp_proto::reply::{self, EnhancedStatus, Reply};
+use smtp_proto::trace::{ReceivedFacts, received_header};
+use smtp_proto::{ForwardPath, MailFrom, RcptTo, ReversePath, SessionConfig, Transaction};
+use spool::{Envelope, NewMessage, QueueId, QueueStore, Recipient, RecipientStatus, SpoolError};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::config::{Config, TlsMode};
+use crate::conn;
+use crate::delivery::DeliveryQueue;
+use crate::router::{Lookup, Router};
+
+/// What every connection shares.
+pub struct Server {
+    pub config: Config,
+    pub router: Arc<Router>,
+    pub spool: Arc<dyn QueueStore>,
+    pub delivery: DeliveryQueue,
+    pub limiter: ConnectionLimiter,
+    /// Becomes true when the server is shutting down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// One bound listener and how its sessions behave.
+pub struct Listener {
+    pub name: String,
+    pub mode: TlsMode,
+    pub session_config: Arc<SessionConfig>,
+    /// Present when the listener offers STARTTLS or is implicit TLS.
+    pub tls: Option<TlsAcceptor>,
+    pub socket: TcpListener,
+}
+
+/// Facts about a connection that the Received header and logs need.
+#[derive(Debug, Clone)]
+pub struct ConnectionFacts {
+    pub peer: SocketAddr,
+    /// TLS version and cipher once TLS is active.
+    pub tls: Option<(String, String)>,
+}
+
+impl Server {
+    /// Decides a MAIL command: the sender is taken as given (no sender policy yet), but a
+    /// message is refused up front when storage cannot hold it (RFC 1870 section 6.1: 452).
+    pub fn check_mail(&self, mail: &MailFrom) -> Result<(), Reply> {
+        self.check_storage(mail.size.unwrap_or(0))
+    }
+
+    /// Decides a RCPT command against the local domains and mailboxes.
+    pub fn check_rcpt(&self, rcpt: &RcptTo) -> Result<(), Reply> {
+        match self.router.resolve(&rcpt.path) {
+            Lookup::Local(_) => Ok(()),
+            Lookup::NoSuchUser => Err(reply::NO_SUCH_USER),
+            // Relaying needs authentication, which this version does not offer: every
+            // non-local recipient is refused (never an open relay).
+            Lookup::NotLocal => Err(reply::RELAY_DENIED),
+        }
+    }
+
+    fn check_storage(&self, needed: u64) -> Result<(), Reply> {
+        let free = rustix::fs::statvfs(&self.config.data_dir)
+            .map(|stat| stat.f_bavail.saturating_mul(stat.f_frsize))
+            .unwrap_or(0);
+        if free < self.config.spool.free_space_reserve.saturating_add(needed) {
+            warn!(
+                free,
+                reserve = self.config.spool.free_space_reserve,
+                needed,
+                "refusing mail: free space below reserve"
+            );
+            return Err(reply::INSUFFICIENT_STORAGE);
+        }
+        Ok(())
+    }
+
+    /// Stores a completed transaction durably and answers with the reply for the client:
+    /// 250 only once the queue entry is on stable storage (RFC 5321 section 6.1).
+    pub async fn accept_message(
+        &self,
+        transaction: Transaction,
+        facts: &ConnectionFacts,
+        helo: &str,
+        esmtp: bool,
+    ) -> Reply {
+        let id = QueueId::generate();
+        let received_at = SystemTime::now();
+        let recipients = self.final_recipients(&transaction.recipients);
+        if recipients.is_empty() {
+            // Every recipient was accepted at RCPT time, so only a configuration change in
+            // between can get here.
+            return reply::NO_SUCH_USER;
+        }
+        let queue_id = id.to_string();
+        let single = match transaction.recipients.as_slice() {
+            [only] => Some(only.path.to_string()),
+            _ => None,
+        };
+        let unix_time = received_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let header = received_header(&ReceivedFacts {
+            helo,
+            client_ip: facts.peer.ip(),
+            client_name: None,
+            by: &self.config.hostname,
+            esmtp,
+            tls: facts.tls.as_ref().map(|(v, c)| (v.as_str(), c.as_str())),
+            authenticated: false,
+            smtputf8: transaction.mail.smtputf8,
+            queue_id: &queue_id,
+            single_recipient: single.as_deref(),
+            unix_time,
+        });
+        if let Err(reply) = self.check_storage((header.len() + transaction.content.len()) as u64) {
+            return reply;
+        }
+        let mut content = Vec::with_capacity(header.len() + transaction.content.len());
+        content.extend_from_slice(header.as_bytes());
+        content.extend_from_slice(&transaction.content);
+        let size = content.len();
+        let envelope = Envelope {
+            sender: match &transaction.mail.path {
+                ReversePath::Null => String::new(),
+                ReversePath::Mailbox(mailbox) => mailbox.to_string(),
+            },
+            body: transaction.mail.body.unwrap_or_default(),
+            smtputf8: transaction.mail.smtputf8,
+            ret: transaction.mail.ret,
+            envid: transaction.mail.envid.clone(),
+            client_ip: facts.peer.ip(),
+            helo: helo.to_string(),
+            tls: facts.tls.as_ref().map(|(v, c)| format!("{v} {c}")),
+            authenticated_as: None,
+            received_at,
+        };
+        let message =
+            NewMessage { id, envelope: envelope.clone(), recipients: recipients.clone(), content };
+        match self.spool.store(message).await {
+            Ok(()) => {
+                info!(
+                    queue_id = %id,
+                    client = %facts.peer.ip(),
+                    tls = facts.tls.as_ref().map(|(v, _)| v.as_str()).unwrap_or("no"),
+                    sender = ?envelope.sender,
+                    recipients = ?recipients.iter().map(|r| r.address.as_str()).collect::<Vec<_>>(),
+                    size,
+                    result = "queued",
+                    "message accepted"
+                );
+                self.delivery.submit(id, envelope, recipients);
+                Reply::owned(250, EnhancedStatus(2, 0, 0), format!("Ok: queued as {id}"))
+            }
+            Err(error) => {
+                warn!(queue_id = %id, client = %facts.peer.ip(), size, %error, result = "refused", "message not stored");
+                match error {
+                    SpoolError::StorageFull => reply::INSUFFICIENT_STORAGE,
+                    _ => reply::LOCAL_ERROR,
+                }
+            }
+        }
+    }
+
+    /// Expands the accepted RCPTs into one queue recipient per final mailbox address; two
+    /// RCPTs reaching the same mailbox give it one copy.
+    fn final_recipients(&self, rcpts: &[RcptTo]) -> Vec<Recipient> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(rcpts.len());
+        for rcpt in rcpts {
+            let Lookup::Local(addresses) = self.router.resolve(&rcpt.path) else { continue };
+            let original = match &rcpt.path {
+                ForwardPath::Postmaster => "Postmaster".to_string(),
+                ForwardPath::Mailbox(mailbox) => mailbox.to_string(),
+            };
+            for address in addresses {
+                if seen.insert(address.to_lowercase()) {
+                    out.push(Recipient {
+                        address,
+                        original: original.clone(),
+                        notify: rcpt.notify,
+                        orcpt: rcpt.orcpt.clone(),
+                        status: RecipientStatus::Pending,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Caps simultaneous connections, in total and per client address.
+pub struct ConnectionLimiter {
+    max_total: usize,
+    max_per_ip: usize,
+    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// Holds one connection slot; dropping it frees the slot.
+pub struct ConnectionPermit {
+    server: Arc<Server>,
+    ip: IpAddr,
+}
+
+impl ConnectionLimiter {
+    pub fn new(max_total: usize, max_per_ip: usize) -> ConnectionLimiter {
+        ConnectionLimiter { max_total, max_per_ip, counts: Mutex::new((0, HashMap::new())) }
+    }
+
+    fn try_acquire(&self, ip: IpAddr) -> bool {
+        let mut counts = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (total, per_ip) = &mut *counts;
+        let from_ip = per_ip.get(&ip).copied().unwrap_or(0);
+        if *total >= self.max_total || from_ip >= self.max_per_ip {
+            return false;
+        }
+        *total += 1;
+        per_ip.insert(ip, from_ip + 1);
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut counts = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (total, per_ip) = &mut *counts;
+        *total = total.saturating_sub(1);
+        if let Some(count) = per_ip.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+impl ConnectionPermit {
+    fn acquire(server: &Arc<Server>, ip: IpAddr) -> Option<ConnectionPermit> {
+        server.limiter.try_acquire(ip).then(|| ConnectionPermit { server: server.clone(), ip })
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.server.limiter.release(self.ip);
+    }
+}
+
+/// Binds every configured listener, printing where each listens.
+pub async fn bind_listeners(
+    config: &Config,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<Vec<Arc<Listener>>> {
+    let mut listeners = Vec::new();
+    for listener in &config.listeners {
+        let socket = TcpListener::bind(listener.address).await.with_context(|| {
+            format!("binding listener {} to {}", listener.name, listener.address)
+        })?;
+        let acceptor = match listener.tls {
+            TlsMode::None => None,
+            TlsMode::Starttls | TlsMode::Implicit => {
+                Some(TlsAcceptor::from(tls.clone().context("TLS is needed but not configured")?))
+            }
+        };
+        let session_config = SessionConfig {
+            hostname: config.hostname.clone(),
+            max_message_size: config.limits.message_size,
+            max_recipients: config.limits.recipients,
+            max_command_line: config.limits.command_line,
+            max_data_line: config.limits.data_line,
+            address_limits: smtp_proto::AddressLimits {
+                local_part: config.limits.local_part,
+                domain: config.limits.domain,
+            },
+            max_errors: config.limits.errors,
+            max_received_headers: config.limits.received_headers,
+            bare_line_endings: listener.bare_line_endings.into(),
+            starttls: listener.tls == TlsMode::Starttls,
+        };
+        let local = socket.local_addr().context("reading the bound address")?;
+        println!("listening on {local} ({}, {})", listener.name, listener.tls.as_str());
+        listeners.push(Arc::new(Listener {
+            name: listener.name.clone(),
+            mode: listener.tls,
+            session_config: Arc::new(session_config),
+            tls: acceptor,
+            socket,
+        }));
+    }
+    Ok(listeners)
+}
+
+/// Accepts connections until shutdown, then waits for the sessions to end.
+pub async fn run(server: Arc<Server>, listeners: Vec<Arc<Listener>>) {
+    // Every session holds a clone of `sessions_done`; `recv` returns None once all are gone.
+    let (sessions_done, mut all_sessions_done) = mpsc::channel::<()>(1);
+    let mut accepters = Vec::new();
+    for listener in listeners {
+        accepters.push(tokio::spawn(accept_loop(server.clone(), listener, sessions_done.clone())));
+    }
+    drop(sessions_done);
+    for accepter in accepters {
+        let _ = accepter.await;
+    }
+    let _ = all_sessions_done.recv().await;
+}
+
+async fn accept_loop(
+    server: Arc<Server>,
+    listener: Arc<Listener>,
+    sessions_done: mpsc::Sender<()>,
+) {
+    let mut shutdown = server.shutdown.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.socket.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(listener = %listener.name, %error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => return,
+        };
+        let permit = ConnectionPermit::acquire(&server, peer.ip());
+        let server = server.clone();
+        let listener = listener.clone();
+        let done = sessions_done.clone();
+        tokio::spawn(async move {
+            let _done = done;
+            match permit {
+                Some(permit) => conn::serve(server, listener, stream, peer, permit).await,
+                None => conn::refuse(stream, peer).await,
+            }
+        });
+    }
+}

@@ -1,0 +1,260 @@
+"""Fixtures that start the real `postilion` binary on free loopback ports.
+
+Every server a test starts is stopped when the test ends, pass or fail.
+"""
+
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BINARY = Path(os.environ.get("POSTILION_BIN", REPO / "target" / "debug" / "postilion"))
+
+LISTENING = re.compile(r"^listening on (\S+) \((\S+), (\S+)\)$")
+
+
+def toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def render_config(data_dir, listeners, sections):
+    lines = [f"data_dir = {toml_value(str(data_dir))}", 'hostname = "mx.test"']
+    for listener in listeners:
+        lines.append("[[listeners]]")
+        for key, value in listener.items():
+            lines.append(f"{key} = {toml_value(value)}")
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+DEFAULT_LISTENERS = [
+    {"name": "smtp", "address": "127.0.0.1:0", "tls": "starttls"},
+    {"name": "smtps", "address": "127.0.0.1:0", "tls": "implicit"},
+    {"name": "legacy", "address": "127.0.0.1:0", "tls": "none", "bare_line_endings": "normalize"},
+]
+
+
+class Server:
+    """A running postilion process."""
+
+    def __init__(self, data_dir, config_path):
+        self.data_dir = Path(data_dir)
+        self.config_path = config_path
+        self.listeners = {}
+        self.proc = None
+        self.log_lines = []
+
+    def start(self, timeout=30):
+        self.listeners = {}
+        self.proc = subprocess.Popen(
+            [str(BINARY), "serve", "--config", str(self.config_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "POSTILION_LOG": os.environ.get("POSTILION_LOG", "info")},
+        )
+        threading.Thread(target=self._drain_stderr, args=(self.proc,), daemon=True).start()
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"postilion exited early ({self.proc.wait()}):\n" + "".join(self.log_lines[-30:]))
+            line = line.strip()
+            match = LISTENING.match(line)
+            if match:
+                host, port = match.group(1).rsplit(":", 1)
+                self.listeners[match.group(2)] = (host, int(port))
+            elif line.startswith("data directory"):
+                threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+                return self
+        raise RuntimeError("postilion did not start in time")
+
+    def _drain_stderr(self, proc):
+        for line in proc.stderr:
+            self.log_lines.append(line)
+
+    def port(self, name="smtp"):
+        return self.listeners[name][1]
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def kill9(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise
+        return self.proc.returncode if self.proc else None
+
+    def log(self):
+        return "".join(self.log_lines)
+
+    def rss_kib(self):
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    # Maildir helpers.
+    def maildir(self, mailbox):
+        return self.data_dir / "maildir" / mailbox
+
+    def messages(self, mailbox):
+        new = self.maildir(mailbox) / "new"
+        if not new.is_dir():
+            return []
+        return [p.read_bytes() for p in sorted(new.iterdir())]
+
+    def wait_for_messages(self, mailbox, count, timeout=20):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = self.messages(mailbox)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"{mailbox}: expected {count} messages, found {len(self.messages(mailbox))}\n{self.log()[-3000:]}")
+
+    def queued(self):
+        """Messages still in the spool, read from its database."""
+        import sqlite3
+
+        db = self.data_dir / "spool" / "queue.db"
+        connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            return connection.execute("SELECT count(*) FROM message").fetchone()[0]
+        finally:
+            connection.close()
+
+    def wait_until_queue_empty(self, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.queued() == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"queue not empty after {timeout}s: {self.queued()} left")
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Returns a function that starts a server with extra config sections; all are stopped."""
+    servers = []
+
+    def start(listeners=None, data_dir=None, **sections):
+        data = Path(data_dir) if data_dir else tmp_path / f"data{len(servers)}"
+        config_path = tmp_path / f"config{len(servers)}.toml"
+        sections.setdefault("spool", {}).setdefault("free_space_reserve", 0)
+        config_path.write_text(render_config(data, listeners or DEFAULT_LISTENERS, sections))
+        server = Server(data, config_path)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        try:
+            server.stop(signal.SIGKILL, timeout=10)
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server()
+
+
+def client_tls_context():
+    """Accepts the server's self-signed certificate (tests check the TLS version instead)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class RawClient:
+    """A raw SMTP connection for byte-level tests."""
+
+    def __init__(self, port, host="127.0.0.1", timeout=20, tls=False):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        if tls:
+            self.sock = client_tls_context().wrap_socket(self.sock, server_hostname="mx.test")
+        self.buffer = b""
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def line(self):
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed; buffered {self.buffer!r}")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line.decode("utf-8", "replace")
+
+    def reply(self):
+        """Reads one (possibly multi-line) reply; returns (code, [lines])."""
+        lines = []
+        while True:
+            line = self.line()
+            lines.append(line)
+            if len(line) < 4 or line[3] != "-":
+                return int(line[:3]), lines
+
+    def expect(self, code):
+        got, lines = self.reply()
+        assert got == code, f"expected {code}, got {lines}"
+        return lines
+
+    def command(self, text, code):
+        self.send(text + "\r\n")
+        return self.expect(code)
+
+    def starttls(self):
+        self.sock = client_tls_context().wrap_socket(self.sock, server_hostname="mx.test")
+        self.buffer = b""
+
+    def closed(self, timeout=5):
+        """True when the server closed the connection."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, ssl.SSLError):
+            return True
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass

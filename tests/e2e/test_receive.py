@@ -1,0 +1,290 @@
+"""Receiving and local delivery, driven by Python's smtplib and raw sockets."""
+
+import os
+import re
+import smtplib
+import stat
+
+import pytest
+from conftest import RawClient, client_tls_context
+
+QUEUED = re.compile(r"Ok: queued as ([0-9A-Z]{13})")
+
+
+def split_message(raw):
+    header, _, body = raw.partition(b"\r\n\r\n")
+    return header.decode("utf-8", "replace"), body
+
+
+def queue_id(reply_text):
+    match = QUEUED.search(reply_text if isinstance(reply_text, str) else reply_text.decode())
+    assert match, reply_text
+    return match.group(1)
+
+
+def test_smtplib_plain_delivery_is_byte_exact(server):
+    body = b"Subject: hello\r\nFrom: a@example.org\r\n\r\nline one\r\n.leading dot\r\n\r\nlast line\r\n"
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        code, _ = client.ehlo("client.example")
+        assert code == 250
+        assert client.has_extn("pipelining") and client.has_extn("chunking") and client.has_extn("starttls")
+        assert client.esmtp_features["size"] == str(25 * 1024 * 1024)
+        client.mail("alice@example.org")
+        client.rcpt("bob@localhost")
+        code, reply = client.data(body)
+        assert code == 250
+        qid = queue_id(reply)
+    [message] = server.wait_for_messages("bob", 1)
+    header, delivered_body = split_message(message)
+    assert header.startswith("Return-Path: <alice@example.org>\r\nDelivered-To: bob@localhost\r\nReceived: from client.example")
+    assert f"with ESMTP id {qid}" in header
+    assert "for <bob@localhost>" in header
+    assert "127.0.0.1" in header
+    # The stored message is the received one with our trace fields in front.
+    assert message.endswith(body)
+    assert delivered_body == b"line one\r\n.leading dot\r\n\r\nlast line\r\n"
+    assert server.messages("bob") == [message], "exactly once"
+
+
+def test_each_recipient_gets_its_copy_and_unknown_users_are_refused(start_server):
+    server = start_server(local={"mailboxes": ["alice", "bob", "carol"]})
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.ehlo("c.example")
+        client.mail("sender@example.org")
+        assert client.rcpt("alice@localhost")[0] == 250
+        assert client.rcpt("Bob@LOCALHOST")[0] == 250
+        code, text = client.rcpt("nobody@localhost")
+        assert (code, text[:5]) == (550, b"5.1.1")
+        code, text = client.rcpt("someone@example.com")
+        assert (code, text[:5]) == (554, b"5.7.1")
+        assert client.rcpt("<Postmaster>")[0] == 250
+        assert client.rcpt("postmaster@localhost")[0] == 250
+        assert client.data(b"Subject: x\r\n\r\nhi\r\n")[0] == 250
+    assert len(server.wait_for_messages("alice", 1)) == 1
+    assert b"Delivered-To: Bob@localhost" in server.wait_for_messages("bob", 1)[0]
+    # <Postmaster> and postmaster@localhost reach the same mailbox once.
+    assert len(server.wait_for_messages("postmaster", 1)) == 1
+    server.wait_until_queue_empty()
+    assert len(server.messages("postmaster")) == 1
+    assert not server.maildir("nobody").exists()
+
+
+def test_aliases_and_plus_addressing(start_server):
+    server = start_server(
+        local={"mailboxes": ["alice", "bob"], "aliases": {"team": ["alice", "bob"], "boss": ["alice"]}}
+    )
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.sendmail("s@example.org", ["team@localhost"], b"Subject: team\r\n\r\nto the team\r\n")
+        client.sendmail("s@example.org", ["alice+lists@localhost"], b"Subject: plus\r\n\r\nplus\r\n")
+        client.sendmail("s@example.org", ["boss@localhost", "alice@localhost"], b"Subject: dup\r\n\r\nonce\r\n")
+    alice = server.wait_for_messages("alice", 3)
+    bob = server.wait_for_messages("bob", 1)
+    assert any(b"Subject: team" in m for m in bob)
+    assert sum(b"Subject: team" in m for m in alice) == 1
+    plus = [m for m in alice if b"Subject: plus" in m]
+    assert len(plus) == 1 and b"Delivered-To: alice+lists@localhost\r\n" in plus[0]
+    server.wait_until_queue_empty()
+    assert sum(b"Subject: dup" in m for m in server.messages("alice")) == 1, "one copy per mailbox"
+
+
+def test_8bit_and_binary_bodies_are_byte_exact(server):
+    eight_bit = "Subject: 8bit\r\n\r\nGrüße, ½ € ✓\r\n".encode()
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.ehlo("c")
+        client.sendmail("a@example.org", ["eight@localhost"], eight_bit, mail_options=["BODY=8BITMIME"])
+    assert server.wait_for_messages("eight", 1)[0].endswith(eight_bit)
+
+    binary = b"Subject: bin\r\n\r\n" + bytes(range(256)) + b"\n.\n\r.\r\x00end"
+    raw = RawClient(server.port())
+    raw.expect(220)
+    raw.command("EHLO c", 250)
+    raw.send(f"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nRCPT TO:<bin@localhost>\r\nBDAT {len(binary)} LAST\r\n".encode() + binary)
+    raw.expect(250)
+    raw.expect(250)
+    qid = queue_id(raw.expect(250)[0])
+    raw.command("QUIT", 221)
+    [message] = server.wait_for_messages("bin", 1)
+    assert message.endswith(binary)
+    assert f"id {qid}".encode() in message
+
+
+def test_starttls_with_smtplib(server):
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.ehlo("c")
+        client.starttls(context=client_tls_context())
+        client.ehlo("c")
+        assert not client.has_extn("starttls"), "never offered again"
+        client.sendmail("a@example.org", ["tls@localhost"], b"Subject: tls\r\n\r\nsecret\r\n")
+    [message] = server.wait_for_messages("tls", 1)
+    assert b"with ESMTPS id" in message
+    assert b"(using TLSv1.3 with cipher" in message
+
+
+def test_implicit_tls_with_smtplib(server):
+    with smtplib.SMTP_SSL("127.0.0.1", server.port("smtps"), context=client_tls_context()) as client:
+        client.ehlo("c")
+        assert not client.has_extn("starttls")
+        client.sendmail("a@example.org", ["implicit@localhost"], b"Subject: 465\r\n\r\nhi\r\n")
+    assert b"with ESMTPS id" in server.wait_for_messages("implicit", 1)[0]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tls_versions_below_1_2_are_refused(server):
+    import socket
+    import ssl
+
+    context = client_tls_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1
+    context.maximum_version = ssl.TLSVersion.TLSv1_1
+    try:
+        context.set_ciphers("ALL:@SECLEVEL=0")
+    except ssl.SSLError:
+        pass
+    with socket.create_connection(("127.0.0.1", server.port("smtps")), timeout=10) as sock:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            with context.wrap_socket(sock, server_hostname="mx.test") as tls:
+                tls.recv(100)
+    # The server is still serving.
+    with smtplib.SMTP_SSL("127.0.0.1", server.port("smtps"), context=client_tls_context()) as client:
+        assert client.noop()[0] == 250
+
+
+def test_smtputf8_address_and_received_keyword(server):
+    message = "Subject: ünïcödé\r\n\r\nhéllo\r\n".encode()
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.ehlo("c")
+        assert client.has_extn("smtputf8")
+        client.starttls(context=client_tls_context())
+        client.ehlo("c")
+        # smtplib only switches to UTF-8 commands inside sendmail(); this test sends them itself.
+        client.command_encoding = "utf-8"
+        code, _ = client.mail("jösé@exämple.org", ["SMTPUTF8", "BODY=8BITMIME"])
+        assert code == 250
+        assert client.rcpt("δοκιμή@localhost")[0] == 250
+        assert client.data(message)[0] == 250
+        client.rset()
+        client.command_encoding = "utf-8"  # rset() puts it back to ASCII
+        assert client.mail("plain@example.org")[0] == 250
+        code, text = client.rcpt("δοκιμή@localhost")
+        assert (code, text[:5]) == (553, b"5.6.7")
+    [delivered] = server.wait_for_messages("δοκιμή", 1)
+    assert b"with UTF8SMTPS id" in delivered
+    assert delivered.endswith(message)
+
+
+def test_dsn_parameters_are_accepted_and_kept(server):
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.ehlo("c")
+        assert client.has_extn("dsn")
+        code, _ = client.mail("a@example.org", ["RET=HDRS", "ENVID=QQ+2Bid"])
+        assert code == 250
+        code, _ = client.rcpt("dsn@localhost", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;dsn+2Balias@localhost"])
+        assert code == 250
+        assert client.data(b"Subject: dsn\r\n\r\nx\r\n")[0] == 250
+        code, text = client.mail("a@example.org", ["RET=SOMETIMES"])
+        assert (code, text[:5]) == (501, b"5.5.4")
+        code, text = client.mail("a@example.org", ["FOO=BAR"])
+        assert (code, text[:5]) == (555, b"5.5.4")
+    server.wait_for_messages("dsn", 1)
+
+
+def test_size_limits(start_server):
+    server = start_server(limits={"message_size": 10000})
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.ehlo("c")
+        assert client.esmtp_features["size"] == "10000"
+        code, text = client.mail("a@example.org", ["SIZE=10001"])
+        assert (code, text[:5]) == (552, b"5.3.4")
+        client.mail("a@example.org")
+        client.rcpt("big@localhost")
+        code, text = client.data(b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" + (b"y" * 70 + b"\r\n") * 200)
+        assert (code, text[:5]) == (552, b"5.3.4")
+        client.mail("a@example.org")
+        client.rcpt("big@localhost")
+        assert client.data(b"Subject: small\r\n\r\nok\r\n")[0] == 250
+    assert len(server.wait_for_messages("big", 1)) == 1
+
+
+def test_too_many_recipients(start_server):
+    server = start_server(limits={"recipients": 3})
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.ehlo("c")
+        client.mail("a@example.org")
+        for i in range(3):
+            assert client.rcpt(f"u{i}@localhost")[0] == 250
+        code, text = client.rcpt("u3@localhost")
+        assert (code, text[:5]) == (452, b"4.5.3")
+        assert client.data(b"Subject: x\r\n\r\nx\r\n")[0] == 250
+
+
+def test_mail_loop_is_refused(server):
+    hops = b"".join(b"Received: from hop%d by somewhere; Thu, 1 Jan 1970 00:00:00 +0000\r\n" % i for i in range(101))
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.ehlo("c")
+        client.mail("a@example.org")
+        client.rcpt("loop@localhost")
+        code, text = client.data(hops + b"Subject: loop\r\n\r\nx\r\n")
+        assert (code, text[:5]) == (554, b"5.4.6")
+        client.mail("a@example.org")
+        client.rcpt("loop@localhost")
+        assert client.data(hops[: -len(hops) // 101] + b"Subject: ok\r\n\r\nx\r\n")[0] == 250
+
+
+def test_vrfy_expn_help_noop_rset(server):
+    raw = RawClient(server.port())
+    assert raw.expect(220)[0].startswith("220 mx.test ESMTP")
+    raw.command("EHLO c", 250)
+    assert raw.command("VRFY bob", 252)[0].startswith("252 2.5.0")
+    assert raw.command("EXPN staff", 502)[0].startswith("502 5.5.1")
+    assert raw.command("HELP", 214)[-1].startswith("214 2.0.0")
+    raw.command("NOOP", 250)
+    raw.command("MAIL FROM:<a@example.org>", 250)
+    raw.command("RSET", 250)
+    assert raw.command("RCPT TO:<b@localhost>", 503)[0].startswith("503 5.5.1")
+    raw.command("FOO", 500)
+    assert raw.command("MAIL FROM:<a@example.org", 501)[0].startswith("501 5.5.2")
+    raw.command("QUIT", 221)
+    assert raw.closed()
+
+
+def test_rfc5321_appendix_d_session(start_server):
+    server = start_server(local={"domains": ["foo.com"], "mailboxes": ["jones", "brown"]})
+    raw = RawClient(server.port())
+    raw.expect(220)
+    lines = raw.command("EHLO bar.com", 250)
+    assert lines[0] == "250-mx.test"
+    raw.command("MAIL FROM:<Smith@bar.com>", 250)
+    raw.command("RCPT TO:<Jones@foo.com>", 250)
+    assert raw.command("RCPT TO:<Green@foo.com>", 550)[0].startswith("550 5.1.1")
+    raw.command("RCPT TO:<Brown@foo.com>", 250)
+    raw.command("DATA", 354)
+    raw.send("Blah blah blah...\r\n...etc. etc. etc.\r\n.\r\n")
+    raw.expect(250)
+    raw.command("QUIT", 221)
+    for mailbox in ("jones", "brown"):
+        assert server.wait_for_messages(mailbox, 1)[0].endswith(b"Blah blah blah...\r\n..etc. etc. etc.\r\n")
+
+
+def test_pipelining_replies_in_order_from_one_write(server):
+    raw = RawClient(server.port())
+    raw.expect(220)
+    raw.command("EHLO c", 250)
+    raw.send(
+        "MAIL FROM:<a@example.org>\r\nRCPT TO:<p1@localhost>\r\nRCPT TO:<x@remote.example>\r\n"
+        "RCPT TO:<p2@localhost>\r\nDATA\r\nSubject: piped\r\n\r\nbody\r\n.\r\n"
+        "MAIL FROM:<>\r\nRCPT TO:<p1@localhost>\r\nBDAT 7\r\nSubjectBDAT 8 LAST\r\n: b\r\n\r\nxNOOP\r\nQUIT\r\n"
+    )
+    codes = [raw.reply()[0] for _ in range(12)]
+    assert codes == [250, 250, 554, 250, 354, 250, 250, 250, 250, 250, 250, 221]
+    server.wait_for_messages("p2", 1)
+    assert len(server.wait_for_messages("p1", 2)) == 2
+
+
+def test_spool_and_maildir_are_private(server):
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.sendmail("a@example.org", ["priv@localhost"], b"Subject: p\r\n\r\nx\r\n")
+    server.wait_for_messages("priv", 1)
+    for path in [server.data_dir, server.data_dir / "spool", server.data_dir / "maildir", server.maildir("priv") / "new"]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700, path
+    for path in list((server.data_dir / "spool").iterdir()) + list((server.maildir("priv") / "new").iterdir()):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
