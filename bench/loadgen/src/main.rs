@@ -1,14 +1,27 @@
-//! An SMTP load generator: N concurrent sessions send M messages between them and report
-//! messages per second and the latency of the reply to the end of data.
+//! An SMTP load generator in the spirit of Postfix's smtp-source: concurrent sessions send a
+//! fixed number of messages between them and the run reports throughput and percentiles of
+//! the end-of-data latency (from sending the final "." to receiving the reply to it).
 
+mod message;
+mod reply;
+mod session;
+mod stats;
+mod tls;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+
+use smtp_proto::trace::rfc5322_date;
+
+use crate::message::{HeaderFields, NUMBER_WIDTH, Template};
+use crate::session::{Envelope, Plan, TlsMode, run_session};
+use crate::stats::{RunInfo, Summary};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "SMTP load generator with end-of-data latency percentiles")]
@@ -16,274 +29,490 @@ struct Args {
     /// Server address, host:port.
     #[arg(long, default_value = "127.0.0.1:2525")]
     server: String,
-    /// Concurrent sessions.
-    #[arg(long, default_value_t = 10)]
-    sessions: usize,
+    /// Concurrent sessions (connections).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    sessions: u32,
     /// Messages in total, shared by all sessions.
     #[arg(long, default_value_t = 1000)]
     messages: u64,
-    /// Message size in octets.
+    /// Message size in octets, headers included.
     #[arg(long, default_value_t = 1024)]
     size: usize,
     /// Recipients per message.
-    #[arg(long, default_value_t = 1)]
-    recipients: usize,
-    /// Send MAIL, RCPT and DATA in one write (RFC 2920).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    recipients: u32,
+    /// Send MAIL, the RCPTs and DATA in one write, then read their replies (RFC 2920).
     #[arg(long)]
     pipelining: bool,
-    #[arg(long, default_value = "loadgen@example.org")]
+    /// TLS: STARTTLS after EHLO, implicit TLS from the start, or none. Any server certificate
+    /// is accepted (benchmarking only).
+    #[arg(long, value_enum, default_value_t = TlsMode::None)]
+    tls: TlsMode,
+    /// Envelope sender and From address (empty for the null sender).
+    #[arg(long, default_value = "sender@example.org")]
     from: String,
-    /// Recipient address; `%d` is replaced by the recipient number.
+    /// Recipient address; `%d` is replaced by the recipient number, 1 to --recipients.
     #[arg(long, default_value = "user@localhost")]
     to: String,
-    #[arg(long, default_value = "loadgen.example")]
-    helo: String,
-    /// Print one JSON object instead of text.
+    /// Messages per connection before QUIT and a new connection [default: no limit, each
+    /// session keeps its connection until all messages are handed out].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    messages_per_session: Option<u64>,
+    /// Print one JSON object on one line instead of text.
     #[arg(long)]
     json: bool,
+    /// Name for EHLO (and the Message-ID domain).
+    #[arg(long, default_value = "loadgen.example")]
+    helo: String,
+    /// Connection failures in a row after which a session gives up.
+    #[arg(long, default_value_t = 5)]
+    retries: u32,
+    /// Seconds to wait for a connection, a reply or a write.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+    /// Runtime worker threads [default: one per CPU].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    threads: Option<u64>,
 }
 
-#[derive(Default)]
-struct SessionResult {
-    /// End-of-data latencies in microseconds.
-    latencies: Vec<u32>,
-    errors: Vec<String>,
-}
-
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(run(args))
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = args.threads {
+        runtime.worker_threads(threads as usize);
+    }
+    let result = runtime.build().context("starting the runtime").and_then(|runtime| {
+        let result = runtime.block_on(run(&args));
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        result
+    });
+    let (info, summary) = match result {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("loadgen: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        println!("{}", summary.json(&info));
+    } else {
+        println!("{}", summary.human(&info));
+    }
+    if summary.failed_run() {
+        if let Some(first) = &summary.first_error {
+            eprintln!("loadgen: first error: {first}");
+        }
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let body: Arc<[u8]> = build_body(args.size).into();
-    let next = Arc::new(AtomicU64::new(0));
+/// Sends the messages and returns the report.
+async fn run(args: &Args) -> anyhow::Result<(RunInfo, Summary)> {
+    let plan = Arc::new(plan(args)?);
+    let info = RunInfo {
+        server: args.server.clone(),
+        sessions: args.sessions,
+        messages: args.messages,
+        size: args.size,
+        message_bytes: plan.template.message_len(),
+        recipients: args.recipients,
+        pipelining: args.pipelining,
+        tls: args.tls.name(),
+    };
+    // Room for a fair share and some more; the vector grows if one session sends more.
+    let share = args.messages.div_ceil(u64::from(args.sessions));
+    let capacity = share.saturating_add(share / 4 + 16).min(args.messages) as usize;
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for session in 0..args.sessions {
-        let (args, body, next) = (args.clone(), body.clone(), next.clone());
-        tasks.push(tokio::spawn(async move { session_loop(session, &args, &body, &next).await }));
-    }
-    let mut latencies = Vec::with_capacity(args.messages as usize);
-    let mut errors = Vec::new();
+    let tasks: Vec<_> = (0..args.sessions)
+        .map(|_| {
+            let plan = plan.clone();
+            tokio::spawn(async move { run_session(&plan, capacity).await })
+        })
+        .collect();
+    let mut sessions = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let result = task.await.context("session task")?;
-        latencies.extend(result.latencies);
-        errors.extend(result.errors);
+        sessions.push(task.await.context("session task failed")?);
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    let ok = latencies.len();
-    let rate = ok as f64 / elapsed;
-    let p = |q: f64| percentile(&latencies, q) as f64 / 1000.0;
-    if args.json {
-        println!(
-            "{{\"sessions\":{},\"size\":{},\"pipelining\":{},\"ok\":{},\"errors\":{},\"seconds\":{:.3},\"messages_per_second\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{:.3}}}",
-            args.sessions, args.size, args.pipelining, ok, errors.len(), elapsed, rate, p(0.5), p(0.99), p(0.999), p(1.0)
-        );
-    } else {
-        println!("{ok} messages in {elapsed:.2}s: {rate:.1} msg/s, {} errors", errors.len());
-        println!("end-of-data latency ms: p50 {:.2} p99 {:.2} p999 {:.2} max {:.2}", p(0.5), p(0.99), p(0.999), p(1.0));
+    let elapsed = started.elapsed();
+    Ok((info, Summary::new(sessions, args.messages, elapsed)))
+}
+
+/// Checks the arguments and builds what the sessions share.
+fn plan(args: &Args) -> anyhow::Result<Plan> {
+    if args.messages >= 10u64.pow(NUMBER_WIDTH as u32) {
+        bail!("--messages must be below {}", 10u64.pow(NUMBER_WIDTH as u32));
     }
-    if let Some(first) = errors.first() {
-        eprintln!("first error: {first}");
-        std::process::exit(1);
+    if !args.from.is_empty() {
+        check_address("--from", &args.from)?;
+    }
+    check_address("--to", &args.to)?;
+    check_address("--helo", &args.helo)?;
+    if args.helo.contains('@') {
+        bail!("--helo must be a domain name or address literal");
+    }
+    let addr: SocketAddr = args
+        .server
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", args.server))?
+        .next()
+        .with_context(|| format!("{} has no address", args.server))?;
+    let connector = match args.tls {
+        TlsMode::None => None,
+        TlsMode::Starttls | TlsMode::Implicit => {
+            Some((tls::connector()?, tls::server_name(&args.server)?))
+        }
+    };
+    let recipients: Vec<String> =
+        (1..=args.recipients).map(|n| args.to.replace("%d", &n.to_string())).collect();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let fields = HeaderFields {
+        from: &args.from,
+        recipients: &recipients,
+        helo: &args.helo,
+        date: &rfc5322_date(now.as_secs() as i64),
+        run_tag: &format!("{:x}.{}", now.as_nanos(), std::process::id()),
+    };
+    Ok(Plan {
+        addr,
+        tls: args.tls,
+        connector,
+        ehlo: format!("EHLO {}\r\n", args.helo).into_bytes().into_boxed_slice(),
+        envelope: Envelope::new(&args.from, &recipients),
+        template: Template::new(&fields, args.size),
+        pipelining: args.pipelining,
+        messages: args.messages,
+        per_connection: args.messages_per_session,
+        retries: args.retries,
+        timeout: Duration::from_secs(args.timeout),
+        next: AtomicU64::new(0),
+        warned: AtomicBool::new(false),
+    })
+}
+
+/// Rejects what would break the command or header syntax: spaces, controls, angle brackets.
+fn check_address(option: &str, value: &str) -> anyhow::Result<()> {
+    if value.is_empty() || value.len() > 254 {
+        bail!("{option} must have 1 to 254 characters");
+    }
+    if let Some(bad) =
+        value.chars().find(|c| c.is_whitespace() || c.is_control() || "<>".contains(*c))
+    {
+        bail!("{option} must not contain {bad:?}");
     }
     Ok(())
 }
 
-/// A valid message of exactly `size` octets (at least its headers): 78-octet lines, none
-/// starting with a dot.
-fn build_body(size: usize) -> Vec<u8> {
-    let mut body = Vec::with_capacity(size + 80);
-    body.extend_from_slice(b"From: loadgen@example.org\r\nTo: user@localhost\r\nSubject: load\r\n\r\n");
-    while body.len() + 78 <= size {
-        body.extend(std::iter::repeat_n(b'x', 76));
-        body.extend_from_slice(b"\r\n");
-    }
-    let rest = size.saturating_sub(body.len());
-    if rest >= 3 {
-        body.extend(std::iter::repeat_n(b'y', rest - 2));
-        body.extend_from_slice(b"\r\n");
-    }
-    body
-}
-
-/// The value at quantile `q` of sorted samples (nearest rank).
-fn percentile(sorted: &[u32], q: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-async fn session_loop(session: usize, args: &Args, body: &[u8], next: &AtomicU64) -> SessionResult {
-    let mut result = SessionResult { latencies: Vec::with_capacity((args.messages as usize / args.sessions.max(1)) + 1), errors: Vec::new() };
-    let mut reconnects = 0;
-    'connect: while next.load(Ordering::Relaxed) < args.messages {
-        let mut client = match Client::connect(&args.server, &args.helo).await {
-            Ok(client) => client,
-            Err(error) => {
-                result.errors.push(format!("session {session}: {error:#}"));
-                reconnects += 1;
-                if reconnects > 10 {
-                    return result;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        loop {
-            let number = next.fetch_add(1, Ordering::Relaxed);
-            if number >= args.messages {
-                let _ = client.command(b"QUIT\r\n").await;
-                return result;
-            }
-            match client.send_message(args, body).await {
-                Ok(latency) => result.latencies.push(latency.as_micros().min(u32::MAX as u128) as u32),
-                Err(error) => {
-                    result.errors.push(format!("message {number}: {error:#}"));
-                    continue 'connect;
-                }
-            }
-        }
-    }
-    result
-}
-
-struct Client {
-    stream: BufReader<TcpStream>,
-    line: Vec<u8>,
-    out: Vec<u8>,
-}
-
-impl Client {
-    async fn connect(server: &str, helo: &str) -> anyhow::Result<Client> {
-        let stream = TcpStream::connect(server).await.with_context(|| format!("connecting to {server}"))?;
-        stream.set_nodelay(true)?;
-        let mut client = Client { stream: BufReader::with_capacity(16 * 1024, stream), line: Vec::new(), out: Vec::new() };
-        client.expect(220).await?;
-        client.command(format!("EHLO {helo}\r\n").as_bytes()).await?;
-        Ok(client)
-    }
-
-    async fn send_message(&mut self, args: &Args, body: &[u8]) -> anyhow::Result<Duration> {
-        self.out.clear();
-        self.out.extend_from_slice(format!("MAIL FROM:<{}>\r\n", args.from).as_bytes());
-        for n in 0..args.recipients {
-            self.out.extend_from_slice(format!("RCPT TO:<{}>\r\n", args.to.replace("%d", &n.to_string())).as_bytes());
-        }
-        self.out.extend_from_slice(b"DATA\r\n");
-        if args.pipelining {
-            self.stream.get_mut().write_all(&self.out).await?;
-            for _ in 0..args.recipients + 1 {
-                self.expect(250).await?;
-            }
-            self.expect(354).await?;
-        } else {
-            let out = std::mem::take(&mut self.out);
-            for command in out.split_inclusive(|&b| b == b'\n') {
-                let code = if command == b"DATA\r\n" { 354 } else { 250 };
-                self.stream.get_mut().write_all(command).await?;
-                self.expect(code).await?;
-            }
-            self.out = out;
-        }
-        self.stream.get_mut().write_all(body).await?;
-        let sent = Instant::now();
-        self.stream.get_mut().write_all(b".\r\n").await?;
-        self.expect(250).await?;
-        Ok(sent.elapsed())
-    }
-
-    async fn command(&mut self, command: &[u8]) -> anyhow::Result<()> {
-        self.stream.get_mut().write_all(command).await?;
-        self.expect_class(2).await
-    }
-
-    async fn expect(&mut self, code: u16) -> anyhow::Result<()> {
-        let got = self.reply().await?;
-        if got != code {
-            bail!("expected {code}, got {}", String::from_utf8_lossy(&self.line).trim_end());
-        }
-        Ok(())
-    }
-
-    async fn expect_class(&mut self, class: u16) -> anyhow::Result<()> {
-        let got = self.reply().await?;
-        if got / 100 != class {
-            bail!("expected {class}xx, got {}", String::from_utf8_lossy(&self.line).trim_end());
-        }
-        Ok(())
-    }
-
-    /// Reads one reply, multi-line or not; returns its code.
-    async fn reply(&mut self) -> anyhow::Result<u16> {
-        loop {
-            self.line.clear();
-            read_line(&mut self.stream, &mut self.line).await?;
-            let code = parse_code(&self.line).with_context(|| format!("bad reply {:?}", String::from_utf8_lossy(&self.line)))?;
-            if self.line.get(3) != Some(&b'-') {
-                return Ok(code);
-            }
-        }
-    }
-}
-
-async fn read_line(stream: &mut BufReader<TcpStream>, line: &mut Vec<u8>) -> anyhow::Result<()> {
-    loop {
-        let byte = stream.read_u8().await.context("connection closed")?;
-        line.push(byte);
-        if byte == b'\n' {
-            return Ok(());
-        }
-        if line.len() > 4096 {
-            bail!("reply line too long");
-        }
-    }
-}
-
-fn parse_code(line: &[u8]) -> Option<u16> {
-    let digits = line.get(..3)?;
-    if !digits.iter().all(u8::is_ascii_digit) || !matches!(line.get(3), Some(b' ' | b'-' | b'\r')) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    //! End-to-end runs against a small SMTP server in the test process.
 
-    #[test]
-    fn body_has_the_requested_size_and_valid_lines() {
-        for size in [100, 1024, 100 * 1024, 1000] {
-            let body = build_body(size);
-            assert!(body.len().abs_diff(size) <= 2, "{size}: {}", body.len());
-            assert!(body.ends_with(b"\r\n"));
-            assert!(body.split(|&b| b == b'\n').all(|l| l.len() <= 999 && !l.starts_with(b".")));
+    use super::*;
+    use crate::stats::ErrorKind;
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    use std::sync::atomic::Ordering;
+    use tokio::io::{
+        AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    };
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+
+    #[derive(Default)]
+    struct Server {
+        tls: Option<(TlsMode, TlsAcceptor)>,
+        offer_pipelining: bool,
+        /// Refuse the RCPT of every transaction whose number is a multiple of this.
+        reject_every: Option<u64>,
+        /// Close the connection instead of answering this transaction's MAIL.
+        drop_at: Option<u64>,
+        mails: AtomicU64,
+        connections: AtomicU64,
+        /// Received messages, unstuffed, without the end-of-data line.
+        messages: Mutex<Vec<Vec<u8>>>,
+    }
+
+    async fn start(server: Server) -> (SocketAddr, Arc<Server>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Arc::new(server);
+        let shared = server.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let server = shared.clone();
+                tokio::spawn(async move { server.connection(tcp).await });
+            }
+        });
+        (addr, server)
+    }
+
+    fn acceptor() -> TlsAcceptor {
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![key.cert.der().clone()], der)
+            .unwrap();
+        TlsAcceptor::from(Arc::new(config))
+    }
+
+    impl Server {
+        async fn connection(&self, tcp: tokio::net::TcpStream) {
+            self.connections.fetch_add(1, Ordering::Relaxed);
+            match &self.tls {
+                None => {
+                    self.session(tcp, true, false).await;
+                }
+                Some((TlsMode::Implicit, acceptor)) => {
+                    let tls = acceptor.accept(tcp).await.unwrap();
+                    self.session(tls, true, false).await;
+                }
+                Some((_, acceptor)) => {
+                    if let Some(tcp) = self.session(tcp, true, true).await {
+                        let tls = acceptor.accept(tcp).await.unwrap();
+                        self.session(tls, false, false).await;
+                    }
+                }
+            }
+        }
+
+        /// Serves commands; returns the stream when the client starts TLS.
+        async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+            &self,
+            stream: S,
+            greet: bool,
+            offer_starttls: bool,
+        ) -> Option<S> {
+            let mut stream = BufReader::new(stream);
+            if greet {
+                // Split replies exercise the client's buffering.
+                for piece in [&b"220-fake.test"[..], b" ESMTP\r\n22", b"0 ready\r\n"] {
+                    stream.write_all(piece).await.ok()?;
+                    stream.flush().await.ok()?;
+                }
+            }
+            let mut line = Vec::new();
+            let mut rejected = false;
+            loop {
+                line.clear();
+                if stream.read_until(b'\n', &mut line).await.ok()? == 0 {
+                    return None;
+                }
+                let verb = line.get(..4).unwrap_or_default().to_ascii_uppercase();
+                let reply: &[u8] = match &verb[..] {
+                    b"EHLO" => {
+                        let mut ehlo = b"250-fake.test\r\n".to_vec();
+                        if self.offer_pipelining {
+                            ehlo.extend_from_slice(b"250-PIPELINING\r\n");
+                        }
+                        if offer_starttls {
+                            ehlo.extend_from_slice(b"250-STARTTLS\r\n");
+                        }
+                        ehlo.extend_from_slice(b"250 8BITMIME\r\n");
+                        for piece in ehlo.chunks(5) {
+                            stream.write_all(piece).await.ok()?;
+                            stream.flush().await.ok()?;
+                        }
+                        continue;
+                    }
+                    b"STAR" if offer_starttls => {
+                        stream.write_all(b"220 go ahead\r\n").await.ok()?;
+                        stream.flush().await.ok()?;
+                        return Some(stream.into_inner());
+                    }
+                    b"MAIL" => {
+                        let number = self.mails.fetch_add(1, Ordering::Relaxed) + 1;
+                        if self.drop_at == Some(number) {
+                            return None;
+                        }
+                        rejected =
+                            self.reject_every.is_some_and(|every| number.is_multiple_of(every));
+                        b"250 2.1.0 ok\r\n"
+                    }
+                    b"RCPT" if rejected => b"550 5.1.1 no such user\r\n",
+                    b"RCPT" => b"250 2.1.5 ok\r\n",
+                    b"DATA" if rejected => b"554 5.5.1 no valid recipients\r\n",
+                    b"DATA" => {
+                        stream.write_all(b"354 go ahead\r\n").await.ok()?;
+                        stream.flush().await.ok()?;
+                        let mut message = Vec::new();
+                        loop {
+                            line.clear();
+                            if stream.read_until(b'\n', &mut line).await.ok()? == 0 {
+                                return None;
+                            }
+                            if line == b".\r\n" {
+                                break;
+                            }
+                            let unstuffed = line.strip_prefix(b".").unwrap_or(&line);
+                            message.extend_from_slice(unstuffed);
+                        }
+                        self.messages.lock().unwrap().push(message);
+                        b"250 2.0.0 queued\r\n"
+                    }
+                    b"RSET" => {
+                        rejected = false;
+                        b"250 2.0.0 ok\r\n"
+                    }
+                    b"QUIT" => {
+                        let _ = stream.write_all(b"221 2.0.0 bye\r\n").await;
+                        let _ = stream.flush().await;
+                        // Wait for the client to close.
+                        let _ = stream.read(&mut [0; 16]).await;
+                        return None;
+                    }
+                    _ => b"500 5.5.2 unknown\r\n",
+                };
+                stream.write_all(reply).await.ok()?;
+                stream.flush().await.ok()?;
+            }
         }
     }
 
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let samples: Vec<u32> = (1..=1000).collect();
-        assert_eq!(percentile(&samples, 0.5), 500);
-        assert_eq!(percentile(&samples, 0.99), 990);
-        assert_eq!(percentile(&samples, 0.999), 999);
-        assert_eq!(percentile(&samples, 1.0), 1000);
-        assert_eq!(percentile(&[], 0.5), 0);
-        assert_eq!(percentile(&[7], 0.999), 7);
+    fn args(addr: SocketAddr, extra: &[&str]) -> Args {
+        let addr = addr.to_string();
+        let mut argv = vec!["loadgen", "--server", &addr, "--timeout", "10"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    /// The numbers in the Subject fields of the received messages.
+    fn subjects(server: &Server) -> BTreeSet<u64> {
+        let messages = server.messages.lock().unwrap();
+        messages
+            .iter()
+            .map(|message| {
+                let text = std::str::from_utf8(message).unwrap();
+                let start = text.find("Subject: loadgen message ").unwrap() + 25;
+                text[start..start + NUMBER_WIDTH].parse().unwrap()
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_sessions_send_every_message_once() {
+        let (addr, server) = start(Server { offer_pipelining: true, ..Server::default() }).await;
+        let args = args(
+            addr,
+            &[
+                "--sessions",
+                "3",
+                "--messages",
+                "50",
+                "--size",
+                "2000",
+                "--recipients",
+                "2",
+                "--to",
+                "user%d@localhost",
+                "--pipelining",
+                "--messages-per-session",
+                "7",
+            ],
+        );
+        let (info, summary) = run(&args).await.unwrap();
+        assert_eq!(summary.ok, 50, "{summary:?}");
+        assert!(!summary.failed_run(), "{summary:?}");
+        assert_eq!(summary.lockstep_fallbacks, 0);
+        assert!(summary.connections >= 8, "{summary:?}");
+        assert_eq!(server.connections.load(Ordering::Relaxed), summary.connections);
+        assert!(summary.p50 <= summary.p99 && summary.p99 <= summary.max);
+        assert_eq!(subjects(&server), (1..=50).collect());
+        let messages = server.messages.lock().unwrap();
+        for message in messages.iter() {
+            assert_eq!(message.len(), 2000);
+            assert_eq!(info.message_bytes, 2000);
+            let text = std::str::from_utf8(message).unwrap();
+            assert!(text.contains("To: <user1@localhost>,\r\n <user2@localhost>\r\n"));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rejections_and_dropped_connections_are_counted() {
+        let server = Server { reject_every: Some(5), drop_at: Some(13), ..Server::default() };
+        let (addr, server) = start(server).await;
+        let args = args(addr, &["--sessions", "1", "--messages", "20", "--size", "500"]);
+        let (_, summary) = run(&args).await.unwrap();
+        assert_eq!(summary.ok, 15, "{summary:?}");
+        assert_eq!(summary.failed, 5);
+        assert_eq!(summary.unsent, 0);
+        assert_eq!(summary.errors[&ErrorKind::Reply(550)], 4);
+        assert_eq!(summary.errors[&ErrorKind::Connection], 1);
+        assert_eq!(summary.error_count(), 5);
+        assert_eq!(summary.connections, 2);
+        assert!(summary.failed_run());
+        assert_eq!(subjects(&server), (1..=20).filter(|n| n % 5 != 0 && *n != 13).collect());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_rejections_read_every_reply() {
+        let server = Server { offer_pipelining: true, reject_every: Some(3), ..Server::default() };
+        let (addr, server) = start(server).await;
+        let argv = ["--sessions", "2", "--messages", "30", "--pipelining", "--recipients", "3"];
+        let (_, summary) = run(&args(addr, &argv)).await.unwrap();
+        assert_eq!(summary.ok, 20, "{summary:?}");
+        assert_eq!(summary.failed, 10);
+        assert_eq!(summary.errors[&ErrorKind::Reply(550)], 10);
+        assert_eq!(summary.error_count(), 10);
+        assert_eq!(summary.connections, 2);
+        assert_eq!(server.messages.lock().unwrap().len(), 20);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn falls_back_to_lock_step_without_pipelining() {
+        let (addr, server) = start(Server::default()).await;
+        let argv = ["--sessions", "2", "--messages", "10", "--pipelining"];
+        let (_, summary) = run(&args(addr, &argv)).await.unwrap();
+        assert_eq!(summary.ok, 10, "{summary:?}");
+        assert!(!summary.failed_run());
+        assert_eq!(summary.lockstep_fallbacks, 2);
+        assert_eq!(server.messages.lock().unwrap().len(), 10);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn starttls_and_implicit_tls() {
+        for mode in [TlsMode::Starttls, TlsMode::Implicit] {
+            let server = Server {
+                tls: Some((mode, acceptor())),
+                offer_pipelining: true,
+                ..Server::default()
+            };
+            let (addr, server) = start(server).await;
+            let argv =
+                ["--sessions", "2", "--messages", "20", "--pipelining", "--tls", mode.name()];
+            let (_, summary) = run(&args(addr, &argv)).await.unwrap();
+            assert_eq!(summary.ok, 20, "{mode:?}: {summary:?}");
+            assert!(!summary.failed_run(), "{mode:?}: {summary:?}");
+            assert_eq!(subjects(&server), (1..=20).collect());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unreachable_servers_give_up_after_the_retries() {
+        // Bind and drop to find a port nobody listens on.
+        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let argv = ["--sessions", "2", "--messages", "10", "--retries", "1"];
+        let (_, summary) = run(&args(addr, &argv)).await.unwrap();
+        assert_eq!(summary.ok, 0);
+        assert_eq!(summary.unsent, 10);
+        assert_eq!(summary.errors[&ErrorKind::Connect], 4);
+        assert!(summary.failed_run());
     }
 
     #[test]
-    fn reply_codes() {
-        assert_eq!(parse_code(b"250 ok\r\n"), Some(250));
-        assert_eq!(parse_code(b"250-PIPELINING\r\n"), Some(250));
-        assert_eq!(parse_code(b"250\r\n"), Some(250));
-        assert_eq!(parse_code(b"25x ok"), None);
-        assert_eq!(parse_code(b"2500 ok"), None);
+    fn bad_arguments_are_refused() {
+        let addr: SocketAddr = "127.0.0.1:25".parse().unwrap();
+        assert!(plan(&args(addr, &["--to", "a b@localhost"])).is_err());
+        assert!(plan(&args(addr, &["--from", "<x>"])).is_err());
+        assert!(plan(&args(addr, &["--helo", "a@b"])).is_err());
+        assert!(plan(&args(addr, &["--messages", "10000000000"])).is_err());
+        assert!(plan(&args(addr, &["--from", ""])).is_ok());
+        assert!(Args::try_parse_from(["loadgen", "--sessions", "0"]).is_err());
+        assert!(Args::try_parse_from(["loadgen", "--tls", "bogus"]).is_err());
     }
 }
