@@ -1,0 +1,469 @@
+//! The SQLite schema and every statement run against it.
+//!
+//! Message content lives in its own table so that listing the queue never reads the blobs.
+//! Recipient states are plain columns (not JSON) so an operator can query them with the
+//! `sqlite3` shell, e.g. `SELECT * FROM recipient WHERE status = 'deferred'`.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Context;
+use crate::{
+    BodyType, Envelope, NewMessage, Notify, OriginalRecipient, QueueId, QueuedMessage, Recipient,
+    RecipientStatus, Ret, SpoolError,
+};
+
+/// `PRAGMA user_version` of the layout below. Version 1 was a pre-release layout (recipients
+/// as JSON); it was never released and is not migrated.
+const SCHEMA_VERSION: i32 = 2;
+
+const SCHEMA: &str = "
+    CREATE TABLE message (
+        id          INTEGER PRIMARY KEY,   -- QueueId
+        envelope    TEXT NOT NULL,         -- JSON, see StoredEnvelope
+        size        INTEGER NOT NULL,      -- octets of content
+        received_at INTEGER NOT NULL       -- Unix milliseconds
+    );
+    CREATE TABLE content (
+        id   INTEGER PRIMARY KEY,          -- message.id
+        data BLOB NOT NULL
+    );
+    CREATE TABLE recipient (
+        message_id    INTEGER NOT NULL,    -- message.id
+        idx           INTEGER NOT NULL,    -- position in the message's recipient list
+        address       TEXT NOT NULL,
+        original      TEXT NOT NULL,
+        notify        TEXT,                -- NULL (not given), NEVER, or e.g. SUCCESS,FAILURE
+        orcpt_type    TEXT,
+        orcpt_address TEXT,
+        status        TEXT NOT NULL CHECK (status IN ('pending', 'deferred', 'delivered', 'failed')),
+        attempts      INTEGER NOT NULL,    -- kept when a recipient becomes delivered or failed
+        next_attempt  INTEGER,             -- deferred: Unix milliseconds
+        last_error    TEXT,                -- deferred: the last temporary error; failed: the error
+        done_at       INTEGER,             -- delivered or failed: Unix milliseconds
+        detail        TEXT,                -- delivered: the receiving side's answer
+        PRIMARY KEY (message_id, idx)
+    ) WITHOUT ROWID;
+";
+
+/// Creates the tables in a new database and refuses a layout this program does not know.
+pub(crate) fn migrate(connection: &Connection) -> Result<(), SpoolError> {
+    let context = || "creating the spool schema".to_string();
+    // IMMEDIATE: decide and create under the write lock, all or nothing.
+    connection.execute_batch("BEGIN IMMEDIATE").context(context)?;
+    let result = (|| {
+        let version: i32 = connection
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .context(context)?;
+        match version {
+            0 => {
+                connection.execute_batch(SCHEMA).context(context)?;
+                connection.pragma_update(None, "user_version", SCHEMA_VERSION).context(context)
+            }
+            SCHEMA_VERSION => Ok(()),
+            other => Err(SpoolError::Corrupt(format!(
+                "the spool database has schema version {other}; this program knows only \
+                 version {SCHEMA_VERSION}"
+            ))),
+        }
+    })();
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    connection.execute_batch(end).context(context)?;
+    result
+}
+
+/// Checks the structure of the metadata tables (and their indexes), which recovery lists in
+/// full at start-up. The content table is left out on purpose: checking it reads every byte
+/// of every queued message, which after an outage can be gigabytes and would delay start-up;
+/// SQLite still detects a damaged content page when that message is loaded.
+pub(crate) fn check_metadata(connection: &Connection) -> Result<(), SpoolError> {
+    for table in ["message", "recipient"] {
+        let context = || format!("checking the spool table {table}");
+        let mut check =
+            connection.prepare(&format!("PRAGMA quick_check({table})")).context(context)?;
+        let problems = check
+            .query_map([], |row| row.get::<_, String>(0))
+            .context(context)?
+            .collect::<Result<Vec<_>, _>>()
+            .context(context)?;
+        if problems != ["ok"] {
+            return Err(SpoolError::Corrupt(format!(
+                "table {table} failed its integrity check: {}",
+                problems.join("; ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// SQLite stores the id bit for bit as a signed integer. Generated ids stay below 2^63, so
+/// they sort the same either way.
+fn sql_id(id: QueueId) -> i64 {
+    id.0 as i64
+}
+
+fn sql_millis(time: SystemTime) -> i64 {
+    let millis = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    i64::try_from(millis).unwrap_or(i64::MAX)
+}
+
+fn from_sql_millis(millis: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0))
+}
+
+pub(crate) fn store(connection: &Connection, message: &NewMessage) -> Result<(), SpoolError> {
+    let id = sql_id(message.id);
+    let context = || format!("storing message {}", message.id);
+    let envelope =
+        serde_json::to_string(&StoredEnvelope::from(&message.envelope)).map_err(|e| {
+            SpoolError::Corrupt(format!("encoding the envelope of {}: {e}", message.id))
+        })?;
+    connection
+        .prepare_cached(
+            "INSERT INTO message (id, envelope, size, received_at) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .and_then(|mut insert| {
+            insert.execute(params![
+                id,
+                envelope,
+                message.content.len() as i64,
+                sql_millis(message.envelope.received_at)
+            ])
+        })
+        .context(context)?;
+    connection
+        .prepare_cached("INSERT INTO content (id, data) VALUES (?1, ?2)")
+        .and_then(|mut insert| insert.execute(params![id, message.content]))
+        .context(context)?;
+    let mut insert = connection
+        .prepare_cached(
+            "INSERT INTO recipient (message_id, idx, address, original, notify, orcpt_type,
+                 orcpt_address, status, attempts, next_attempt, last_error, done_at, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )
+        .context(context)?;
+    for (index, recipient) in message.recipients.iter().enumerate() {
+        let status = StatusColumns::from(&recipient.status);
+        insert
+            .execute(params![
+                id,
+                index as i64,
+                recipient.address,
+                recipient.original,
+                recipient.notify.map(|notify| notify.to_string()),
+                recipient.orcpt.as_ref().map(|orcpt| &orcpt.addr_type),
+                recipient.orcpt.as_ref().map(|orcpt| &orcpt.address),
+                status.status,
+                status.attempts.unwrap_or(0),
+                status.next_attempt,
+                status.last_error,
+                status.done_at,
+                status.detail,
+            ])
+            .context(context)?;
+    }
+    Ok(())
+}
+
+/// Applies every update or fails; the caller's savepoint undoes a partial update.
+pub(crate) fn update_recipients(
+    connection: &Connection,
+    id: QueueId,
+    updates: &[(usize, RecipientStatus)],
+) -> Result<(), SpoolError> {
+    let context = || format!("updating the recipients of message {id}");
+    let exists = connection
+        .prepare_cached("SELECT 1 FROM message WHERE id = ?1")
+        .and_then(|mut select| select.query_row([sql_id(id)], |_| Ok(())).optional())
+        .context(context)?;
+    if exists.is_none() {
+        return Err(SpoolError::NotFound(id));
+    }
+    // attempts: NULL keeps the count, see the schema.
+    let mut update = connection
+        .prepare_cached(
+            "UPDATE recipient SET status = ?3, attempts = coalesce(?4, attempts),
+                 next_attempt = ?5, last_error = ?6, done_at = ?7, detail = ?8
+             WHERE message_id = ?1 AND idx = ?2",
+        )
+        .context(context)?;
+    for (index, status) in updates {
+        let status = StatusColumns::from(status);
+        let changed = update
+            .execute(params![
+                sql_id(id),
+                *index as i64,
+                status.status,
+                status.attempts,
+                status.next_attempt,
+                status.last_error,
+                status.done_at,
+                status.detail,
+            ])
+            .context(context)?;
+        if changed == 0 {
+            return Err(SpoolError::NoSuchRecipient { id, index: *index });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn remove(connection: &Connection, id: QueueId) -> Result<(), SpoolError> {
+    let context = || format!("removing message {id}");
+    let delete = |sql: &str| {
+        connection.prepare_cached(sql).and_then(|mut delete| delete.execute([sql_id(id)]))
+    };
+    if delete("DELETE FROM message WHERE id = ?1").context(context)? == 0 {
+        return Err(SpoolError::NotFound(id));
+    }
+    delete("DELETE FROM content WHERE id = ?1").context(context)?;
+    delete("DELETE FROM recipient WHERE message_id = ?1").context(context)?;
+    Ok(())
+}
+
+pub(crate) fn load_content(connection: &Connection, id: QueueId) -> Result<Vec<u8>, SpoolError> {
+    connection
+        .prepare_cached("SELECT data FROM content WHERE id = ?1")
+        .and_then(|mut select| select.query_row([sql_id(id)], |row| row.get(0)).optional())
+        .context(|| format!("loading the content of message {id}"))?
+        .ok_or(SpoolError::NotFound(id))
+}
+
+/// Every message with its recipients, oldest first.
+pub(crate) fn list(connection: &mut Connection) -> Result<Vec<QueuedMessage>, SpoolError> {
+    let context = || "listing the queue".to_string();
+    // One read transaction, so both queries see the same snapshot: a message removed between
+    // them must not show up without its recipients.
+    let snapshot = connection.transaction().context(context)?;
+    let mut messages = Vec::new();
+    {
+        let mut select = snapshot
+            .prepare("SELECT id, envelope, size, received_at FROM message ORDER BY id")
+            .context(context)?;
+        let mut rows = select.query([]).context(context)?;
+        while let Some(row) = rows.next().context(context)? {
+            messages.push(decode_message(row)?);
+        }
+    }
+    let mut select = snapshot
+        .prepare(
+            "SELECT message_id, idx, address, original, notify, orcpt_type, orcpt_address,
+                 status, attempts, next_attempt, last_error, done_at, detail
+             FROM recipient ORDER BY message_id, idx",
+        )
+        .context(context)?;
+    let mut rows = select.query([]).context(context)?;
+    while let Some(row) = rows.next().context(context)? {
+        let (id, index, recipient) = decode_recipient(row)?;
+        let position = messages.binary_search_by_key(&id, |message| message.id).map_err(|_| {
+            SpoolError::Corrupt(format!("recipient {index} of missing message {id}"))
+        })?;
+        let recipients = &mut messages[position].recipients;
+        // update_recipients addresses recipients by index, so there must be no gaps.
+        if index != recipients.len() as i64 {
+            return Err(SpoolError::Corrupt(format!(
+                "message {id} has recipient {index} where {} was expected",
+                recipients.len()
+            )));
+        }
+        recipients.push(recipient);
+    }
+    Ok(messages)
+}
+
+fn decode_message(row: &Row<'_>) -> Result<QueuedMessage, SpoolError> {
+    let context = || "reading a message row".to_string();
+    let id = QueueId(row.get::<_, i64>(0).context(context)? as u64);
+    let envelope: String = row.get(1).context(context)?;
+    let size: i64 = row.get(2).context(context)?;
+    let received_at = from_sql_millis(row.get(3).context(context)?);
+    let corrupt = |what: String| SpoolError::Corrupt(format!("message {id}: {what}"));
+    let stored: StoredEnvelope =
+        serde_json::from_str(&envelope).map_err(|e| corrupt(format!("envelope: {e}")))?;
+    Ok(QueuedMessage {
+        id,
+        envelope: stored.into_envelope(received_at).map_err(corrupt)?,
+        recipients: Vec::new(),
+        size: u64::try_from(size).map_err(|_| corrupt(format!("negative size {size}")))?,
+    })
+}
+
+/// A row of the recipient table: the message id, the index and the recipient.
+fn decode_recipient(row: &Row<'_>) -> Result<(QueueId, i64, Recipient), SpoolError> {
+    let context = || "reading a recipient row".to_string();
+    let id = QueueId(row.get::<_, i64>(0).context(context)? as u64);
+    let index: i64 = row.get(1).context(context)?;
+    let corrupt =
+        |what: String| SpoolError::Corrupt(format!("recipient {index} of message {id}: {what}"));
+    let notify = row
+        .get::<_, Option<String>>(4)
+        .context(context)?
+        .map(|text| parse_notify(&text))
+        .transpose()
+        .map_err(corrupt)?;
+    let orcpt = match (row.get(5).context(context)?, row.get(6).context(context)?) {
+        (Some(addr_type), Some(address)) => Some(OriginalRecipient { addr_type, address }),
+        (None, None) => None,
+        _ => return Err(corrupt("half an ORCPT".into())),
+    };
+    let status: String = row.get(7).context(context)?;
+    let attempts: i64 = row.get(8).context(context)?;
+    let next_attempt: Option<i64> = row.get(9).context(context)?;
+    let last_error: Option<String> = row.get(10).context(context)?;
+    let done_at: Option<i64> = row.get(11).context(context)?;
+    let detail: Option<String> = row.get(12).context(context)?;
+    let missing = |column: &str| corrupt(format!("{status} without {column}"));
+    let status = match status.as_str() {
+        "pending" => RecipientStatus::Pending,
+        "deferred" => RecipientStatus::Deferred {
+            attempts: u32::try_from(attempts)
+                .map_err(|_| corrupt(format!("{attempts} attempts")))?,
+            next_attempt: from_sql_millis(next_attempt.ok_or_else(|| missing("next_attempt"))?),
+            last_error: last_error.ok_or_else(|| missing("last_error"))?,
+        },
+        "delivered" => RecipientStatus::Delivered {
+            at: from_sql_millis(done_at.ok_or_else(|| missing("done_at"))?),
+            detail: detail.ok_or_else(|| missing("detail"))?,
+        },
+        "failed" => RecipientStatus::Failed {
+            at: from_sql_millis(done_at.ok_or_else(|| missing("done_at"))?),
+            error: last_error.ok_or_else(|| missing("last_error"))?,
+        },
+        other => return Err(corrupt(format!("unknown status {other:?}"))),
+    };
+    let recipient = Recipient {
+        address: row.get(2).context(context)?,
+        original: row.get(3).context(context)?,
+        notify,
+        orcpt,
+        status,
+    };
+    Ok((id, index, recipient))
+}
+
+/// A [`RecipientStatus`] spread over the recipient table's columns.
+struct StatusColumns<'a> {
+    status: &'static str,
+    /// `None` keeps the stored count on update.
+    attempts: Option<u32>,
+    next_attempt: Option<i64>,
+    last_error: Option<&'a str>,
+    done_at: Option<i64>,
+    detail: Option<&'a str>,
+}
+
+impl<'a> From<&'a RecipientStatus> for StatusColumns<'a> {
+    fn from(status: &'a RecipientStatus) -> StatusColumns<'a> {
+        let empty = StatusColumns {
+            status: "pending",
+            attempts: None,
+            next_attempt: None,
+            last_error: None,
+            done_at: None,
+            detail: None,
+        };
+        match status {
+            RecipientStatus::Pending => empty,
+            RecipientStatus::Deferred { attempts, next_attempt, last_error } => StatusColumns {
+                status: "deferred",
+                attempts: Some(*attempts),
+                next_attempt: Some(sql_millis(*next_attempt)),
+                last_error: Some(last_error),
+                ..empty
+            },
+            RecipientStatus::Delivered { at, detail } => StatusColumns {
+                status: "delivered",
+                done_at: Some(sql_millis(*at)),
+                detail: Some(detail),
+                ..empty
+            },
+            RecipientStatus::Failed { at, error } => StatusColumns {
+                status: "failed",
+                done_at: Some(sql_millis(*at)),
+                last_error: Some(error),
+                ..empty
+            },
+        }
+    }
+}
+
+/// Parses what `Notify`'s `Display` writes: `NEVER` or a comma-separated list.
+fn parse_notify(text: &str) -> Result<Notify, String> {
+    let mut notify = Notify::NEVER;
+    if text == "NEVER" {
+        return Ok(notify);
+    }
+    for word in text.split(',') {
+        match word {
+            "SUCCESS" => notify.success = true,
+            "FAILURE" => notify.failure = true,
+            "DELAY" => notify.delay = true,
+            _ => return Err(format!("unknown NOTIFY value {text:?}")),
+        }
+    }
+    Ok(notify)
+}
+
+/// The envelope as stored in `message.envelope`. smtp-proto has no serde, so its enums are
+/// stored as their SMTP keywords. `received_at` has its own column.
+#[derive(Serialize, Deserialize)]
+struct StoredEnvelope {
+    sender: String,
+    body: String,
+    smtputf8: bool,
+    ret: Option<String>,
+    envid: Option<String>,
+    client_ip: IpAddr,
+    helo: String,
+    tls: Option<String>,
+    authenticated_as: Option<String>,
+}
+
+impl From<&Envelope> for StoredEnvelope {
+    fn from(envelope: &Envelope) -> StoredEnvelope {
+        StoredEnvelope {
+            sender: envelope.sender.clone(),
+            body: envelope.body.as_str().to_string(),
+            smtputf8: envelope.smtputf8,
+            ret: envelope.ret.map(|ret| ret.as_str().to_string()),
+            envid: envelope.envid.clone(),
+            client_ip: envelope.client_ip,
+            helo: envelope.helo.clone(),
+            tls: envelope.tls.clone(),
+            authenticated_as: envelope.authenticated_as.clone(),
+        }
+    }
+}
+
+impl StoredEnvelope {
+    fn into_envelope(self, received_at: SystemTime) -> Result<Envelope, String> {
+        let body = [BodyType::SevenBit, BodyType::EightBitMime, BodyType::BinaryMime]
+            .into_iter()
+            .find(|body| body.as_str() == self.body)
+            .ok_or_else(|| format!("unknown body type {:?}", self.body))?;
+        let ret = match self.ret {
+            None => None,
+            Some(text) => Some(
+                [Ret::Full, Ret::Headers]
+                    .into_iter()
+                    .find(|ret| ret.as_str() == text)
+                    .ok_or_else(|| format!("unknown RET {text:?}"))?,
+            ),
+        };
+        Ok(Envelope {
+            sender: self.sender,
+            body,
+            smtputf8: self.smtputf8,
+            ret,
+            envid: self.envid,
+            client_ip: self.client_ip,
+            helo: self.helo,
+            tls: self.tls,
+            authenticated_as: self.authenticated_as,
+            received_at,
+        })
+    }
+}

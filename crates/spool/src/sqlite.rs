@@ -1,0 +1,298 @@
+//! [`SqliteSpool`]: opening the spool, the reader pool and the [`QueueStore`] implementation.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use crate::error::Context;
+use crate::writer::{Counters, Operation, Request, Writer};
+use crate::{
+    BoxFuture, NewMessage, QueueId, QueueStore, QueuedMessage, RecipientStatus, SpoolError,
+    SpoolStats, db,
+};
+
+const DATABASE: &str = "queue.db";
+/// Held (flock) by the process that has the spool open.
+const LOCK: &str = "lock";
+/// How long opening waits for the lock file; see `lock`.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+/// How long a connection waits for a lock held by another connection (an operator's
+/// `sqlite3` shell, a checkpoint) before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle read connections kept for reuse; more are opened when reads pile up.
+const IDLE_READERS: usize = 4;
+/// After a checkpoint the log is truncated back to this size; without a limit it keeps the
+/// size of the largest batch ever written.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
+/// The SQLite queue store; see the crate documentation for its durability argument.
+pub struct SqliteSpool {
+    /// `None` only while closing: dropping the sender is what stops the writer.
+    requests: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<Result<(), SpoolError>>>,
+    readers: Arc<Readers>,
+    counters: Arc<Counters>,
+}
+
+impl SqliteSpool {
+    /// Opens the spool in `dir`, creating the directory (mode 0700) and `queue.db` (0600)
+    /// if needed, checks the queue metadata and starts the writer thread. Fails if the spool
+    /// is already open, in this process or another.
+    pub fn open(dir: &Path) -> Result<SqliteSpool, SpoolError> {
+        create_private_dir(dir)?;
+        let lock = lock(&dir.join(LOCK))?;
+        let path = dir.join(DATABASE);
+        create_private_file(&path)?;
+        // SQLite creates the -wal and -shm files with the mode of the database file, but a
+        // crash leaves them behind, perhaps from a time when that mode was laxer.
+        for suffix in ["-wal", "-shm"] {
+            let mut name = path.clone().into_os_string();
+            name.push(suffix);
+            match fs::set_permissions(&name, fs::Permissions::from_mode(0o600)) {
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                result => {
+                    result.context(|| format!("restricting {}", Path::new(&name).display()))?
+                }
+            }
+        }
+        // Make the new directory entries durable before anything is stored under them.
+        sync_dir(dir)?;
+
+        let connection = open_writer(&path)?;
+        db::migrate(&connection)?;
+        db::check_metadata(&connection)?;
+
+        let counters = Arc::new(Counters::default());
+        let writer =
+            Writer { connection, dir: dir.to_path_buf(), counters: counters.clone(), lock };
+        let (requests, receiver) = mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer.run(receiver))
+            .context(|| "starting the spool writer thread".into())?;
+        Ok(SqliteSpool {
+            requests: Some(requests),
+            writer: Some(writer),
+            readers: Arc::new(Readers { path, idle: Mutex::new(Vec::new()) }),
+            counters,
+        })
+    }
+
+    /// Stops the writer after it has finished every operation already submitted, and closes
+    /// the database. Dropping the spool does the same but can only log errors.
+    pub fn close(mut self) -> Result<(), SpoolError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), SpoolError> {
+        // Idle readers go first, so that the writer's connection is the last one and its
+        // close checkpoints the log into the database and removes it.
+        self.readers.idle.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        drop(self.requests.take());
+        match self.writer.take().map(JoinHandle::join) {
+            None => Ok(()),
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(SpoolError::Io {
+                context: "stopping the spool writer".into(),
+                error: Arc::new(io::Error::other("the writer thread panicked")),
+            }),
+        }
+    }
+
+    async fn submit(&self, operation: Operation) -> Result<(), SpoolError> {
+        let (reply, result) = oneshot::channel();
+        let requests = self.requests.as_ref().ok_or(SpoolError::Closed)?;
+        requests.send(Request { operation, reply }).map_err(|_| SpoolError::Closed)?;
+        // The writer drops the reply sender without answering only if it died.
+        result.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Runs `read` on a read connection in tokio's blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&mut Connection) -> Result<T, SpoolError> + Send + 'static,
+    ) -> Result<T, SpoolError> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || readers.with(read)).await.map_err(|error| {
+            SpoolError::Io {
+                context: "running a spool read".into(),
+                error: Arc::new(io::Error::other(error)),
+            }
+        })?
+    }
+}
+
+impl Drop for SqliteSpool {
+    fn drop(&mut self) {
+        if let Err(error) = self.shutdown() {
+            warn!(%error, "closing the spool");
+        }
+    }
+}
+
+impl QueueStore for SqliteSpool {
+    fn store(&self, message: NewMessage) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(self.submit(Operation::Store(message)))
+    }
+
+    fn load_content(&self, id: QueueId) -> BoxFuture<'_, Result<Vec<u8>, SpoolError>> {
+        Box::pin(self.read(move |connection| db::load_content(connection, id)))
+    }
+
+    fn update_recipients(
+        &self,
+        id: QueueId,
+        updates: Vec<(usize, RecipientStatus)>,
+    ) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(self.submit(Operation::Update(id, updates)))
+    }
+
+    fn remove(&self, id: QueueId) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(self.submit(Operation::Remove(id)))
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<QueuedMessage>, SpoolError>> {
+        Box::pin(self.read(db::list))
+    }
+
+    fn stats(&self) -> SpoolStats {
+        self.counters.snapshot()
+    }
+}
+
+/// Read-only connections. In WAL mode they read the last committed state without blocking
+/// the writer or waiting for it.
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    fn with<T>(
+        &self,
+        read: impl FnOnce(&mut Connection) -> Result<T, SpoolError>,
+    ) -> Result<T, SpoolError> {
+        // A panic while the lock was held cannot leave the list half-changed.
+        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let mut connection = match idle {
+            Some(connection) => connection,
+            None => open_reader(&self.path)?,
+        };
+        let result = read(&mut connection);
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < IDLE_READERS {
+            idle.push(connection);
+        }
+        result
+    }
+}
+
+fn open_writer(path: &Path) -> Result<Connection, SpoolError> {
+    let context = || format!("opening {}", path.display());
+    let connection = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .context(context)?;
+    connection.busy_timeout(BUSY_TIMEOUT).context(context)?;
+    // WAL: a commit appends to the log and fsyncs it once, and readers never block the
+    // writer. The mode is stored in the database; check that it took, because SQLite keeps
+    // the old mode silently when it cannot switch (e.g. without shared memory support).
+    let mode: String =
+        connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).context(context)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(SpoolError::Corrupt(format!(
+            "{} stays in journal mode {mode:?}; the spool needs WAL",
+            path.display()
+        )));
+    }
+    // FULL: fsync the log at every commit. (NORMAL would fsync only at checkpoints, losing
+    // the last commits on power failure: exactly the messages already answered with 250.)
+    connection.pragma_update(None, "synchronous", "FULL").context(context)?;
+    connection.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT).context(context)?;
+    Ok(connection)
+}
+
+fn open_reader(path: &Path) -> Result<Connection, SpoolError> {
+    let context = || format!("opening {} for reading", path.display());
+    let connection = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .context(context)?;
+    connection.busy_timeout(BUSY_TIMEOUT).context(context)?;
+    Ok(connection)
+}
+
+/// Creates `dir` (and missing parents) with mode 0700 and tightens an existing one: queued
+/// mail is private.
+fn create_private_dir(dir: &Path) -> Result<(), SpoolError> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|ancestor| !ancestor.exists()).collect();
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .context(|| format!("restricting {}", dir.display()))?;
+    // A new directory's entry lives in its parent, which must reach the disk too.
+    for created in missing.into_iter().rev() {
+        match created.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
+/// Creates `path` with mode 0600 unless it exists, and tightens it if it does.
+fn create_private_file(path: &Path) -> Result<File, SpoolError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .context(|| format!("creating {}", path.display()))?;
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .context(|| format!("restricting {}", path.display()))?;
+    Ok(file)
+}
+
+/// Takes the spool's process lock. Two processes on one spool would both deliver every
+/// message.
+fn lock(path: &Path) -> Result<File, SpoolError> {
+    let file = create_private_file(path)?;
+    let started = Instant::now();
+    loop {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            // A child process between fork and exec holds a copy of every descriptor of its
+            // parent, a previous owner's lock included, for a moment. A lock still held after
+            // LOCK_WAIT belongs to a live owner.
+            Err(rustix::io::Errno::WOULDBLOCK) if started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => {
+                return Err(io::Error::from(error)).context(|| {
+                    format!("locking {}: is another instance using this spool?", path.display())
+                });
+            }
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .context(|| format!("syncing the directory {}", dir.display()))
+}

@@ -1,0 +1,400 @@
+//! Tests of the public behaviour. The crash and full-disk tests have their own modules.
+
+mod crash;
+mod full_disk;
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::*;
+
+pub(crate) fn envelope() -> Envelope {
+    Envelope {
+        sender: "alice@example.org".into(),
+        body: BodyType::EightBitMime,
+        smtputf8: true,
+        ret: Some(Ret::Headers),
+        envid: Some("env+2B1".into()),
+        client_ip: "192.0.2.1".parse().unwrap(),
+        helo: "client.example".into(),
+        tls: Some("TLSv1.3 TLS13_AES_256_GCM_SHA384".into()),
+        authenticated_as: Some("alice".into()),
+        // Whole milliseconds: that is the stored precision.
+        received_at: UNIX_EPOCH + Duration::from_millis(1_795_386_725_123),
+    }
+}
+
+pub(crate) fn recipient(address: &str) -> Recipient {
+    Recipient {
+        address: address.into(),
+        original: format!("Original-{address}"),
+        notify: Some(Notify { success: true, failure: true, delay: false }),
+        orcpt: Some(OriginalRecipient { addr_type: "rfc822".into(), address: address.into() }),
+        status: RecipientStatus::Pending,
+    }
+}
+
+pub(crate) fn message(content: &[u8]) -> NewMessage {
+    NewMessage {
+        id: QueueId::generate(),
+        envelope: envelope(),
+        recipients: vec![recipient("a@example.com"), recipient("b@example.com")],
+        content: content.to_vec(),
+    }
+}
+
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap()
+}
+
+/// `PRAGMA integrity_check` over the whole database, content included.
+pub(crate) fn integrity_check(dir: &Path) -> String {
+    let connection = rusqlite::Connection::open(dir.join("queue.db")).unwrap();
+    let rows: Vec<String> = connection
+        .prepare("PRAGMA integrity_check")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    rows.join("; ")
+}
+
+fn millis(millis: u64) -> std::time::SystemTime {
+    UNIX_EPOCH + Duration::from_millis(millis)
+}
+
+fn queued(message: &NewMessage) -> QueuedMessage {
+    QueuedMessage {
+        id: message.id,
+        envelope: message.envelope.clone(),
+        recipients: message.recipients.clone(),
+        size: message.content.len() as u64,
+    }
+}
+
+#[test]
+fn store_list_load_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    // Every byte value, NUL and 0xFF included, over 5 MiB.
+    let big: Vec<u8> =
+        (0..5 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    assert!(big.contains(&0) && big.contains(&0xff));
+    let mut first = message(&big);
+    first.recipients[1].status = RecipientStatus::Deferred {
+        attempts: 3,
+        next_attempt: millis(1_795_400_000_001),
+        last_error: "451 4.3.0 try again".into(),
+    };
+    let mut second = message(b"\0\xff\r\n.\r\n\0");
+    second.envelope = Envelope {
+        sender: String::new(),
+        body: BodyType::BinaryMime,
+        smtputf8: false,
+        ret: None,
+        envid: None,
+        client_ip: "2001:db8::25".parse().unwrap(),
+        helo: "[IPv6:2001:db8::25]".into(),
+        tls: None,
+        authenticated_as: None,
+        received_at: millis(0),
+    };
+    second.recipients = vec![
+        Recipient { notify: None, orcpt: None, ..recipient("plain@example.com") },
+        Recipient { notify: Some(Notify::NEVER), ..recipient("never@example.com") },
+        Recipient {
+            status: RecipientStatus::Delivered { at: millis(5), detail: "250 2.0.0 ok".into() },
+            ..recipient("done@example.com")
+        },
+        Recipient {
+            status: RecipientStatus::Failed {
+                at: millis(6),
+                error: "550 5.1.1 no such user".into(),
+            },
+            ..recipient("bounced@example.com")
+        },
+    ];
+    let mut third = message(b"");
+    third.envelope.body = BodyType::SevenBit;
+    third.envelope.ret = Some(Ret::Full);
+    third.recipients[0].notify = Some(Notify { success: false, failure: false, delay: true });
+    runtime().block_on(async {
+        // Stored newest first: the listing must still be oldest first.
+        for message in [&third, &second, &first] {
+            spool.store(message.clone()).await.unwrap();
+        }
+        let listed = spool.list().await.unwrap();
+        assert_eq!(listed, vec![queued(&first), queued(&second), queued(&third)]);
+        for message in [&first, &second, &third] {
+            assert_eq!(spool.load_content(message.id).await.unwrap(), message.content);
+        }
+        let missing = QueueId::generate();
+        assert!(matches!(spool.load_content(missing).await, Err(SpoolError::NotFound(id)) if id == missing));
+    });
+    assert_eq!(spool.stats().messages_stored, 3);
+}
+
+#[test]
+fn concurrent_stores_share_commits() {
+    const SESSIONS: usize = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(SqliteSpool::open(dir.path()).unwrap());
+    runtime().block_on(async {
+        // Like SMTP sessions finishing DATA at about the same moment.
+        let start = Arc::new(tokio::sync::Barrier::new(SESSIONS));
+        let tasks: Vec<_> = (0..SESSIONS)
+            .map(|_| {
+                let (spool, start) = (spool.clone(), start.clone());
+                tokio::spawn(async move {
+                    let message = message(&[b'x'; 4096]);
+                    start.wait().await;
+                    spool.store(message.clone()).await.map(|()| message.id)
+                })
+            })
+            .collect();
+        let mut ids = HashSet::new();
+        for task in tasks {
+            ids.insert(task.await.unwrap().unwrap());
+        }
+        let stats = spool.stats();
+        eprintln!(
+            "group commit: {} stores in {} commits ({:.1} operations per fsync)",
+            stats.operations,
+            stats.commits,
+            stats.operations as f64 / stats.commits as f64
+        );
+        assert_eq!((stats.operations, stats.messages_stored), (SESSIONS as u64, SESSIONS as u64));
+        assert!(stats.commits < SESSIONS as u64 / 2, "little batching: {stats:?}");
+        let listed: HashSet<QueueId> = spool.list().await.unwrap().iter().map(|m| m.id).collect();
+        assert_eq!(listed, ids);
+
+        // Sustained load: sessions storing one message after another, unsynchronised.
+        let tasks: Vec<_> = (0..SESSIONS)
+            .map(|_| {
+                let spool = spool.clone();
+                tokio::spawn(async move {
+                    for _ in 0..20 {
+                        spool.store(message(&[b'y'; 4096])).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let sustained = spool.stats();
+        let (operations, commits) =
+            (sustained.operations - stats.operations, sustained.commits - stats.commits);
+        eprintln!(
+            "group commit, sustained: {operations} stores in {commits} commits ({:.1} per fsync)",
+            operations as f64 / commits as f64
+        );
+        assert!(commits * 4 < operations, "little batching: {sustained:?}");
+    });
+}
+
+#[test]
+fn everything_persists_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let (kept, updated, removed) = (message(b"kept"), message(b"updated"), message(b"removed"));
+    let delivered = RecipientStatus::Delivered { at: millis(1_000), detail: "ok".into() };
+    let deferred = RecipientStatus::Deferred {
+        attempts: 2,
+        next_attempt: millis(2_000),
+        last_error: "452 4.2.2 mailbox full".into(),
+    };
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    rt.block_on(async {
+        for message in [&kept, &updated, &removed] {
+            spool.store(message.clone()).await.unwrap();
+        }
+        spool
+            .update_recipients(updated.id, vec![(0, delivered.clone()), (1, deferred.clone())])
+            .await
+            .unwrap();
+        spool.remove(removed.id).await.unwrap();
+    });
+    spool.close().unwrap();
+    assert!(!dir.path().join("queue.db-wal").exists(), "close checkpoints the log");
+
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let mut expected_update = queued(&updated);
+    expected_update.recipients[0].status = delivered.clone();
+    expected_update.recipients[1].status = deferred.clone();
+    rt.block_on(async {
+        assert_eq!(spool.list().await.unwrap(), vec![queued(&kept), expected_update]);
+        assert_eq!(spool.load_content(updated.id).await.unwrap(), b"updated");
+        assert!(matches!(spool.load_content(removed.id).await, Err(SpoolError::NotFound(_))));
+        // A delivered recipient can become pending again (an operator's "retry").
+        spool.update_recipients(updated.id, vec![(0, RecipientStatus::Pending)]).await.unwrap();
+        spool.remove(kept.id).await.unwrap();
+    });
+    // Dropped without close(): the same orderly shutdown.
+    drop(spool);
+
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    rt.block_on(async {
+        let listed = spool.list().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].recipients[0].status, RecipientStatus::Pending);
+        assert_eq!(listed[0].recipients[1].status, deferred);
+    });
+    drop(spool);
+    assert_eq!(integrity_check(dir.path()), "ok");
+}
+
+#[test]
+fn failing_operations_fail_only_their_callers() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(SqliteSpool::open(dir.path()).unwrap());
+    runtime().block_on(async {
+        let original = message(b"original");
+        spool.store(original.clone()).await.unwrap();
+        let before = spool.stats();
+        let start = Arc::new(tokio::sync::Barrier::new(40));
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let (spool, start) = (spool.clone(), start.clone());
+                let message = if i % 2 == 0 {
+                    NewMessage { content: b"duplicate".to_vec(), ..original.clone() }
+                } else {
+                    message(b"new")
+                };
+                tokio::spawn(async move {
+                    start.wait().await;
+                    (i, spool.store(message).await)
+                })
+            })
+            .collect();
+        for task in tasks {
+            match task.await.unwrap() {
+                (i, Err(SpoolError::Database { context, .. })) if i % 2 == 0 => {
+                    assert!(context.contains(&original.id.to_string()), "{context}");
+                }
+                (i, Ok(())) if i % 2 == 1 => {}
+                (i, result) => panic!("store {i}: {result:?}"),
+            }
+        }
+        let after = spool.stats();
+        assert_eq!(after.messages_stored - before.messages_stored, 20);
+        assert!(after.commits - before.commits < 20, "the failures were not batched: {after:?}");
+        assert_eq!(spool.list().await.unwrap().len(), 21);
+        assert_eq!(spool.load_content(original.id).await.unwrap(), b"original");
+
+        // update_recipients is all or nothing.
+        let delivered = RecipientStatus::Delivered { at: millis(1), detail: "ok".into() };
+        let partial = spool
+            .update_recipients(original.id, vec![(0, delivered.clone()), (2, delivered)])
+            .await;
+        assert!(matches!(
+            partial,
+            Err(SpoolError::NoSuchRecipient { id, index: 2 }) if id == original.id
+        ));
+        let listed = spool.list().await.unwrap();
+        assert_eq!(listed[0].recipients, original.recipients);
+
+        let missing = QueueId::generate();
+        let update = spool.update_recipients(missing, vec![(0, RecipientStatus::Pending)]).await;
+        assert!(matches!(update, Err(SpoolError::NotFound(id)) if id == missing));
+        assert!(
+            matches!(spool.remove(missing).await, Err(SpoolError::NotFound(id)) if id == missing)
+        );
+    });
+}
+
+#[test]
+fn a_spool_has_one_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SqliteSpool::open(dir.path()).unwrap();
+    match SqliteSpool::open(dir.path()) {
+        Err(SpoolError::Io { context, .. }) => {
+            assert!(context.contains("another instance"), "{context}")
+        }
+        Err(error) => panic!("unexpected error: {error}"),
+        Ok(_) => panic!("a second owner was let in"),
+    }
+    drop(first);
+    SqliteSpool::open(dir.path()).unwrap();
+}
+
+#[test]
+fn an_unknown_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    SqliteSpool::open(dir.path()).unwrap().close().unwrap();
+    let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    connection.pragma_update(None, "user_version", 99).unwrap();
+    drop(connection);
+    match SqliteSpool::open(dir.path()) {
+        Err(SpoolError::Corrupt(why)) => assert!(why.contains("schema version 99"), "{why}"),
+        Err(error) => panic!("unexpected error: {error}"),
+        Ok(_) => panic!("opened a database with an unknown schema"),
+    }
+}
+
+#[test]
+fn queue_ids_are_unique_monotonic_and_round_trip() {
+    let ids: Vec<Vec<QueueId>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| (0..10_000).map(|_| QueueId::generate()).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().map(|handle| handle.join().unwrap()).collect()
+    });
+    let mut all = HashSet::new();
+    for thread_ids in &ids {
+        assert!(thread_ids.windows(2).all(|pair| pair[0] < pair[1]), "monotonic within a thread");
+        for id in thread_ids {
+            assert!(all.insert(*id), "{id} generated twice");
+            let text = id.to_string();
+            assert_eq!(text.len(), 13);
+            assert_eq!(text.parse::<QueueId>(), Ok(*id));
+            assert_eq!(text.to_lowercase().parse::<QueueId>(), Ok(*id));
+        }
+    }
+    // Close to now, and below 2^63 for SQLite.
+    let now = std::time::SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    let newest = *all.iter().max().unwrap();
+    assert!((newest.0 >> 20).abs_diff(now) < 60_000 && newest.0 < 1 << 63);
+
+    // String order is numeric order, for generated ids and for the extremes.
+    let mut sorted: Vec<QueueId> = all.into_iter().collect();
+    sorted.extend([QueueId(0), QueueId(31), QueueId(32), QueueId(1 << 40), QueueId(u64::MAX)]);
+    sorted.sort();
+    let strings: Vec<String> = sorted.iter().map(QueueId::to_string).collect();
+    assert!(strings.windows(2).all(|pair| pair[0] < pair[1]));
+    assert_eq!(QueueId(0).to_string(), "0000000000000");
+    assert_eq!(QueueId(u64::MAX).to_string(), "FZZZZZZZZZZZZ");
+    assert_eq!("FZZZZZZZZZZZZ".parse::<QueueId>(), Ok(QueueId(u64::MAX)));
+
+    for bad in ["GZZZZZZZZZZZZ", "short", "00000000000000", "0000000000I00", "000000000000U", ""] {
+        assert!(bad.parse::<QueueId>().is_err(), "{bad:?} parsed");
+    }
+}
+
+#[test]
+fn files_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("new/spool");
+    let lax_dir = dir.path().join("lax");
+    fs::DirBuilder::new().mode(0o755).create(&lax_dir).unwrap();
+    for spool_dir in [spool_dir, lax_dir] {
+        let spool = SqliteSpool::open(&spool_dir).unwrap();
+        runtime().block_on(spool.store(message(b"secret"))).unwrap();
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&spool_dir), 0o700);
+        let mut names: Vec<String> = fs::read_dir(&spool_dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["lock", "queue.db", "queue.db-shm", "queue.db-wal"]);
+        for name in names {
+            assert_eq!(mode(&spool_dir.join(&name)), 0o600, "{name}");
+        }
+    }
+}
