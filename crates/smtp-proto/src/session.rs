@@ -222,9 +222,10 @@ impl ServerSession {
                 State::Bdat { remaining, last, discard } => {
                     let n = (*remaining).min((input.len() - pos) as u64) as usize;
                     if discard.is_none()
-                        && let Some(transaction) = self.transaction.as_mut() {
-                            transaction.content.extend_from_slice(&input[pos..pos + n]);
-                        }
+                        && let Some(transaction) = self.transaction.as_mut()
+                    {
+                        transaction.content.extend_from_slice(&input[pos..pos + n]);
+                    }
                     *remaining -= n as u64;
                     pos += n;
                     if *remaining > 0 {
@@ -456,9 +457,11 @@ impl ServerSession {
         }
         // RFC 6531 section 3.4: without SMTPUTF8, a non-ASCII address MUST be refused.
         if let ReversePath::Mailbox(mailbox) = &mail.path
-            && !mail.smtputf8 && !mailbox.is_ascii() {
-                return self.fail(reply::NEEDS_SMTPUTF8);
-            }
+            && !mail.smtputf8
+            && !mailbox.is_ascii()
+        {
+            return self.fail(reply::NEEDS_SMTPUTF8);
+        }
         // RFC 1870 section 6.1: a declared size over the limit gets 552 at MAIL time.
         if mail.size.is_some_and(|size| size > self.config.max_message_size) {
             return self.fail(reply::MESSAGE_TOO_BIG);
@@ -475,9 +478,11 @@ impl ServerSession {
             return self.fail(reply::PARAMETERS_NEED_EHLO);
         }
         if let ForwardPath::Mailbox(mailbox) = &rcpt.path
-            && !transaction.mail.smtputf8 && !mailbox.is_ascii() {
-                return self.fail(reply::NEEDS_SMTPUTF8);
-            }
+            && !transaction.mail.smtputf8
+            && !mailbox.is_ascii()
+        {
+            return self.fail(reply::NEEDS_SMTPUTF8);
+        }
         if transaction.recipients.len() >= self.config.max_recipients {
             // RFC 5321 section 4.5.3.1.10: 452 and the client sends the rest later. A client
             // doing what the RFC asks is not misbehaving, so this is not counted as an error.
