@@ -218,20 +218,13 @@ fn mail(argument: Option<&str>, limits: &AddressLimits) -> Result<MailFrom, Comm
     for param in parameters(cursor.rest(), MAIL_SYNTAX)? {
         let (keyword, value) = esmtp_param(param, MAIL_SYNTAX)?;
         mail.has_parameters = true;
-        let repeated = || CommandError::UnknownParameter(keyword.to_owned());
         if keyword.eq_ignore_ascii_case("SIZE") {
-            if mail.size.is_some() {
-                return Err(repeated());
-            }
-            mail.size = Some(size_value(value)?);
+            set_once(&mut mail.size, keyword, || size_value(value))?;
         } else if keyword.eq_ignore_ascii_case("BODY") {
-            if mail.body.is_some() {
-                return Err(repeated());
-            }
-            mail.body = Some(body_value(value)?);
+            set_once(&mut mail.body, keyword, || body_value(value))?;
         } else if keyword.eq_ignore_ascii_case("SMTPUTF8") {
             if mail.smtputf8 {
-                return Err(repeated());
+                return Err(CommandError::UnknownParameter(keyword.to_owned()));
             }
             // RFC 6531 section 3.4: `SMTPUTF8` takes no value.
             if value.is_some() {
@@ -240,16 +233,10 @@ fn mail(argument: Option<&str>, limits: &AddressLimits) -> Result<MailFrom, Comm
             mail.smtputf8 = true;
         } else if keyword.eq_ignore_ascii_case("RET") {
             // RFC 3461 section 4.5: RET MUST NOT appear more than once.
-            if mail.ret.is_some() {
-                return Err(repeated());
-            }
-            mail.ret = Some(ret_value(value)?);
+            set_once(&mut mail.ret, keyword, || ret_value(value))?;
         } else if keyword.eq_ignore_ascii_case("ENVID") {
             // RFC 3461 section 4.5: ENVID MUST NOT appear more than once.
-            if mail.envid.is_some() {
-                return Err(repeated());
-            }
-            mail.envid = Some(envid_value(value)?);
+            set_once(&mut mail.envid, keyword, || envid_value(value))?;
         } else {
             return Err(CommandError::UnknownParameter(keyword.to_owned()));
         }
@@ -272,22 +259,29 @@ fn rcpt(argument: Option<&str>, limits: &AddressLimits) -> Result<RcptTo, Comman
     for param in parameters(cursor.rest(), RCPT_SYNTAX)? {
         let (keyword, value) = esmtp_param(param, RCPT_SYNTAX)?;
         rcpt.has_parameters = true;
-        let repeated = || CommandError::UnknownParameter(keyword.to_owned());
         if keyword.eq_ignore_ascii_case("NOTIFY") {
-            if rcpt.notify.is_some() {
-                return Err(repeated());
-            }
-            rcpt.notify = Some(notify_value(value)?);
+            set_once(&mut rcpt.notify, keyword, || notify_value(value))?;
         } else if keyword.eq_ignore_ascii_case("ORCPT") {
-            if rcpt.orcpt.is_some() {
-                return Err(repeated());
-            }
-            rcpt.orcpt = Some(orcpt_value(value)?);
+            set_once(&mut rcpt.orcpt, keyword, || orcpt_value(value))?;
         } else {
             return Err(CommandError::UnknownParameter(keyword.to_owned()));
         }
     }
     Ok(rcpt)
+}
+
+/// Fills a parameter's slot from its parsed value; a parameter given twice is refused like an
+/// unknown one (555), before its value is looked at.
+fn set_once<T>(
+    slot: &mut Option<T>,
+    keyword: &str,
+    value: impl FnOnce() -> Result<T, CommandError>,
+) -> Result<(), CommandError> {
+    if slot.is_some() {
+        return Err(CommandError::UnknownParameter(keyword.to_owned()));
+    }
+    *slot = Some(value()?);
+    Ok(())
 }
 
 /// `text` without `prefix`, compared ignoring ASCII case.
