@@ -4,6 +4,8 @@ import os
 import re
 import smtplib
 import stat
+import subprocess
+import time
 
 import pytest
 from conftest import RawClient, client_tls_context
@@ -129,21 +131,26 @@ def test_implicit_tls_with_smtplib(server):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_tls_versions_below_1_2_are_refused(server):
+def test_only_tls_1_2_and_1_3_are_offered(server):
     import socket
     import ssl
 
-    context = client_tls_context()
-    context.minimum_version = ssl.TLSVersion.TLSv1
-    context.maximum_version = ssl.TLSVersion.TLSv1_1
-    try:
-        context.set_ciphers("ALL:@SECLEVEL=0")
-    except ssl.SSLError:
-        pass
-    with socket.create_connection(("127.0.0.1", server.port("smtps")), timeout=10) as sock:
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+    for version, name in [(ssl.TLSVersion.TLSv1_2, "TLSv1.2"), (ssl.TLSVersion.TLSv1_3, "TLSv1.3")]:
+        context = client_tls_context()
+        context.minimum_version = context.maximum_version = version
+        with socket.create_connection(("127.0.0.1", server.port("smtps")), timeout=10) as sock:
             with context.wrap_socket(sock, server_hostname="mx.test") as tls:
-                tls.recv(100)
+                assert tls.version() == name
+                assert tls.recv(100).startswith(b"220 ")
+    # A client limited to TLS 1.0/1.1 gets no session. (The local OpenSSL may refuse these
+    # versions by itself too; openssl s_client below asks the server directly.)
+    result = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port('smtps')}", "-tls1_1", "-cipher", "ALL:@SECLEVEL=0"],
+        input="", capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0, result.stdout
+    assert "no peer certificate available" in result.stdout, result.stdout
+    assert "Cipher    : 0000" in result.stdout, result.stdout
     # The server is still serving.
     with smtplib.SMTP_SSL("127.0.0.1", server.port("smtps"), context=client_tls_context()) as client:
         assert client.noop()[0] == 250
@@ -172,12 +179,19 @@ def test_smtputf8_address_and_received_keyword(server):
     assert delivered.endswith(message)
 
 
-def test_dsn_parameters_are_accepted_and_kept(server):
+def test_dsn_parameters_are_kept_in_the_queue_and_delivery_is_retried(start_server):
+    import json
+    import sqlite3
+
+    server = start_server(delivery={"retry_initial": "1s", "retry_max": "1s"})
+    # A file where the Maildir should be: delivery fails temporarily and the message waits
+    # in the queue, where its DSN data can be read back.
+    blocker = server.data_dir / "maildir" / "dsn"
+    blocker.write_bytes(b"not a directory")
     with smtplib.SMTP("127.0.0.1", server.port()) as client:
         client.ehlo("c")
         assert client.has_extn("dsn")
-        code, _ = client.mail("a@example.org", ["RET=HDRS", "ENVID=QQ+2Bid"])
-        assert code == 250
+        assert client.mail("a@example.org", ["RET=HDRS", "ENVID=QQ+2Bid"])[0] == 250
         code, _ = client.rcpt("dsn@localhost", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;dsn+2Balias@localhost"])
         assert code == 250
         assert client.data(b"Subject: dsn\r\n\r\nx\r\n")[0] == 250
@@ -185,7 +199,30 @@ def test_dsn_parameters_are_accepted_and_kept(server):
         assert (code, text[:5]) == (501, b"5.5.4")
         code, text = client.mail("a@example.org", ["FOO=BAR"])
         assert (code, text[:5]) == (555, b"5.5.4")
-    server.wait_for_messages("dsn", 1)
+
+    db = server.data_dir / "spool" / "queue.db"
+    deadline = time.time() + 20
+    while True:
+        connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            [(envelope, notify, orcpt_type, orcpt_address, status, last_error)] = connection.execute(
+                "SELECT envelope, notify, orcpt_type, orcpt_address, status, last_error "
+                "FROM message JOIN recipient ON recipient.message_id = message.id"
+            ).fetchall()
+        finally:
+            connection.close()
+        if status == "deferred" or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert status == "deferred" and last_error, (status, last_error)
+    envelope = json.loads(envelope)
+    assert envelope["envid"] == "QQ+id" and envelope["ret"] == "HDRS", envelope
+    assert (notify, orcpt_type, orcpt_address) == ("SUCCESS,FAILURE", "rfc822", "dsn+alias@localhost")
+    # Once the obstacle is gone, the retry delivers it.
+    blocker.unlink()
+    [message] = server.wait_for_messages("dsn", 1)
+    assert message.endswith(b"Subject: dsn\r\n\r\nx\r\n")
+    server.wait_until_queue_empty()
 
 
 def test_size_limits(start_server):
