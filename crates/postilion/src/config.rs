@@ -2,7 +2,7 @@
 //! README.md documents every key; keep the two in step.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,6 +24,9 @@ pub struct Config {
     pub local: LocalConfig,
     pub spool: SpoolConfig,
     pub delivery: DeliveryConfig,
+    pub relay: RelayConfig,
+    pub dns: DnsConfig,
+    pub outbound: OutboundConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -219,6 +222,10 @@ pub struct DeliveryConfig {
     /// A recipient still failing temporarily this long after arrival fails. Default 5d.
     #[serde(deserialize_with = "de_duration")]
     pub max_lifetime: Duration,
+    /// A failure notice returns the whole original message up to this size, otherwise only
+    /// its header. Default 50000 octets.
+    #[serde(deserialize_with = "de_size")]
+    pub bounce_size_limit: u64,
 }
 
 impl Default for DeliveryConfig {
@@ -228,8 +235,219 @@ impl Default for DeliveryConfig {
             retry_initial: Duration::from_secs(60),
             retry_max: Duration::from_secs(3600),
             max_lifetime: Duration::from_secs(5 * 86_400),
+            bounce_size_limit: dsn::DEFAULT_RETURN_SIZE_LIMIT as u64,
         }
     }
+}
+
+/// Who may send mail to domains that are not ours.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Client networks (CIDR, e.g. `192.0.2.0/24`, `2001:db8::/32`, or single addresses)
+    /// allowed to relay. Empty (default): nobody; loopback is not trusted by default.
+    pub networks: Vec<Network>,
+}
+
+impl RelayConfig {
+    pub fn allows(&self, client: IpAddr) -> bool {
+        self.networks.iter().any(|network| network.contains(client))
+    }
+}
+
+/// An IP network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    pub address: IpAddr,
+    pub prefix: u8,
+}
+
+impl Network {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 client on an IPv6 socket shows up as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.address, ip) {
+            (IpAddr::V4(network), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(network) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(network), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(network) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Network, String> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let address: IpAddr =
+            address.trim().parse().map_err(|_| format!("{text:?} is not an IP network"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(prefix) => prefix
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|prefix| *prefix <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {max}"))?,
+            None => max,
+        };
+        Ok(Network { address, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Network, D::Error> {
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The resolver used for mail routing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// `ip:port` of the name servers to ask. Empty (default): those of /etc/resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    /// How long to wait for one answer. Default 5s.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Tries per name server. Default 2.
+    pub attempts: usize,
+    /// Cached answers (honouring their TTLs); 0 disables the cache. Default 1024.
+    pub cache_size: u64,
+    /// Which addresses of a mail exchanger to use and in what order. Default `prefer-ipv6`.
+    pub ip_preference: IpPreference,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: crate::outbound::dns::DEFAULT_TIMEOUT,
+            attempts: 2,
+            cache_size: 1024,
+            ip_preference: IpPreference::PreferIpv6,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IpPreference {
+    #[default]
+    PreferIpv6,
+    PreferIpv4,
+    Ipv4Only,
+    Ipv6Only,
+}
+
+/// TLS for outgoing connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboundTls {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered, any certificate (RFC 7435); plaintext when not offered or
+    /// when the handshake fails.
+    #[default]
+    Opportunistic,
+    /// STARTTLS must succeed, any certificate: otherwise defer.
+    Require,
+    /// STARTTLS must succeed with a certificate valid for the host name: otherwise defer.
+    Verify,
+}
+
+/// Outgoing SMTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// The remote SMTP port. Default 25.
+    pub port: u16,
+    /// The name sent with EHLO. Default: `hostname`.
+    pub helo_name: Option<String>,
+    /// Default TLS policy. Default `opportunistic`.
+    pub tls: OutboundTls,
+    /// PEM file of CA certificates trusted for `verify`, in addition to the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Simultaneous outgoing connections in all. Default 100.
+    pub concurrency: usize,
+    /// Simultaneous connections to one destination domain. Default 10.
+    pub destination_concurrency: usize,
+    /// Recipients per transaction; more are sent in further transactions. Default 100.
+    pub max_recipients: usize,
+    /// How long an idle connection is kept for the next message to the same host. 0 closes
+    /// connections after each delivery. Default 5s.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// TCP connect. Default 30s.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// The 220 greeting. Default 5m (RFC 5321 section 4.5.3.2.1).
+    #[serde(deserialize_with = "de_duration")]
+    pub greeting_timeout: Duration,
+    /// Replies to EHLO, STARTTLS, MAIL, RCPT and RSET. Default 5m (RFC 5321 sections
+    /// 4.5.3.2.2 and 4.5.3.2.3).
+    #[serde(deserialize_with = "de_duration")]
+    pub command_timeout: Duration,
+    /// The 354 reply to DATA. Default 2m (RFC 5321 section 4.5.3.2.4).
+    #[serde(deserialize_with = "de_duration")]
+    pub data_timeout: Duration,
+    /// Sending one block of message data. Default 3m (RFC 5321 section 4.5.3.2.5).
+    #[serde(deserialize_with = "de_duration")]
+    pub data_block_timeout: Duration,
+    /// The reply after the end of the data. Default 10m (RFC 5321 section 4.5.3.2.6).
+    #[serde(deserialize_with = "de_duration")]
+    pub data_done_timeout: Duration,
+    /// Per-domain overrides; the key `*` routes every remote domain (a smart host).
+    pub routes: BTreeMap<String, RouteConfig>,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            port: 25,
+            helo_name: None,
+            tls: OutboundTls::Opportunistic,
+            ca_file: None,
+            concurrency: 100,
+            destination_concurrency: 10,
+            max_recipients: 100,
+            idle_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(30),
+            greeting_timeout: Duration::from_secs(300),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(120),
+            data_block_timeout: Duration::from_secs(180),
+            data_done_timeout: Duration::from_secs(600),
+            routes: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where one domain's mail goes instead of its MX hosts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A host name or IP address; its A/AAAA records are used, not its MX (like Postfix's
+    /// `[host]`), unless `mx = true`.
+    pub host: String,
+    /// Default: `outbound.port`.
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub mx: bool,
+    /// Default: `outbound.tls`.
+    pub tls: Option<OutboundTls>,
 }
 
 fn default_listener_name() -> String {
@@ -253,6 +471,9 @@ impl Default for Config {
             local: LocalConfig::default(),
             spool: SpoolConfig::default(),
             delivery: DeliveryConfig::default(),
+            relay: RelayConfig::default(),
+            dns: DnsConfig::default(),
+            outbound: OutboundConfig::default(),
         }
     }
 }
@@ -302,6 +523,23 @@ impl Config {
         }
         if self.delivery.workers == 0 {
             bail!("delivery.workers must be positive");
+        }
+        let outbound = &self.outbound;
+        if outbound.concurrency == 0
+            || outbound.destination_concurrency == 0
+            || outbound.max_recipients == 0
+        {
+            bail!(
+                "outbound.concurrency, destination_concurrency and max_recipients must be positive"
+            );
+        }
+        if self.dns.attempts == 0 {
+            bail!("dns.attempts must be positive");
+        }
+        for (domain, route) in &outbound.routes {
+            if route.host.is_empty() || route.port == Some(0) {
+                bail!("outbound.routes.{domain:?} needs a host and a non-zero port");
+            }
         }
         if self.tls.certificate.is_some() != self.tls.private_key.is_some() {
             bail!("tls.certificate and tls.private_key must be given together");

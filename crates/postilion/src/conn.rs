@@ -146,9 +146,9 @@ impl Driver<'_> {
                         session.mail_verdict(verdict);
                     }
                     Event::Rcpt => {
-                        let verdict = session
-                            .pending_rcpt()
-                            .map_or(Ok(()), |rcpt| self.server.check_rcpt(rcpt));
+                        let verdict = session.pending_rcpt().map_or(Ok(()), |rcpt| {
+                            self.server.check_rcpt(rcpt, self.facts.peer.ip())
+                        });
                         session.rcpt_verdict(verdict);
                     }
                     Event::Message => {

@@ -1,16 +1,27 @@
-//! Local delivery: a pool of workers takes queued messages, writes each pending recipient's
-//! copy into its Maildir, records the outcome per recipient durably, and removes the message
-//! once every recipient is done. Temporary failures are retried with exponential backoff.
+//! The queue manager: takes queued messages, delivers each due recipient (to its Maildir, or
+//! over SMTP to the next hop), records the outcome per recipient durably, queues the
+//! delivery status notifications the outcomes call for, and removes the message once every
+//! recipient is done. Temporary failures are retried with exponential backoff until
+//! `delivery.max_lifetime`.
+//!
+//! Order of durable steps, so that a crash never loses a notification: a notification is
+//! stored before the outcome that caused it is recorded. A crash in between repeats the
+//! attempt after the restart, which at worst sends a notification twice.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use maildir::MaildirRoot;
+use smtp_proto::EnhancedStatus;
 use spool::{Envelope, QueueId, QueueStore, Recipient, RecipientStatus};
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::config::DeliveryConfig;
+use crate::notify::Notifier;
+use crate::outbound::Outbound;
 use crate::router::Router;
 
 /// One message with the recipients it still has to reach.
@@ -18,6 +29,41 @@ struct Job {
     id: QueueId,
     envelope: Arc<Envelope>,
     recipients: Vec<Recipient>,
+}
+
+/// The result of one delivery attempt to one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    Delivered {
+        /// What the receiving side said, for logs and the queue.
+        detail: String,
+        /// The SMTP server that took the message; `None` for local delivery.
+        remote_host: Option<String>,
+        /// The next hop was told the DSN parameters (RFC 3461), so notifications from here on
+        /// are its business.
+        dsn_passed_on: bool,
+    },
+    Failed {
+        permanent: bool,
+        status: EnhancedStatus,
+        /// Our description of what went wrong.
+        reason: String,
+        /// The remote server's reply, for the Diagnostic-Code of a notification.
+        remote_reply: Option<String>,
+        remote_host: Option<String>,
+    },
+}
+
+impl Attempt {
+    pub fn failed(permanent: bool, status: EnhancedStatus, reason: impl Into<String>) -> Attempt {
+        Attempt::Failed {
+            permanent,
+            status,
+            reason: reason.into(),
+            remote_reply: None,
+            remote_host: None,
+        }
+    }
 }
 
 /// Where accepted messages are handed to delivery.
@@ -31,48 +77,70 @@ impl DeliveryQueue {
     pub fn submit(&self, id: QueueId, envelope: Envelope, recipients: Vec<Recipient>) {
         let _ = self.jobs.send(Job { id, envelope: Arc::new(envelope), recipients });
     }
+
+    /// Queues a job now or at `at`.
+    fn schedule(&self, job: Job, at: SystemTime) {
+        let delay = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+        if delay.is_zero() {
+            let _ = self.jobs.send(job);
+            return;
+        }
+        let jobs = self.jobs.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = jobs.send(job);
+        });
+    }
 }
 
-/// Everything a worker needs.
+/// Everything the queue manager needs.
 pub struct Deliverer {
     pub spool: Arc<dyn QueueStore>,
     pub router: Arc<Router>,
     pub maildir: MaildirRoot,
     pub config: DeliveryConfig,
+    pub outbound: Arc<Outbound>,
+    pub notifier: Notifier,
 }
 
-/// Starts the workers and returns the queue feeding them; the returned handle finishes when
-/// shutdown is signalled and in-flight deliveries are done.
+/// Starts the queue manager and returns the queue feeding it; the returned handle finishes
+/// when shutdown is signalled and the deliveries in progress are done.
 pub fn start(
     deliverer: Deliverer,
     shutdown: watch::Receiver<bool>,
 ) -> (DeliveryQueue, tokio::task::JoinHandle<()>) {
-    let (jobs, receiver) = mpsc::unbounded_channel::<Job>();
+    let (jobs, mut receiver) = mpsc::unbounded_channel::<Job>();
     let queue = DeliveryQueue { jobs };
-    let receiver = Arc::new(Mutex::new(receiver));
     let deliverer = Arc::new(deliverer);
-    let mut workers = Vec::new();
-    for _ in 0..deliverer.config.workers {
-        let receiver = receiver.clone();
-        let deliverer = deliverer.clone();
+    // Bounds the messages held in memory at once: local writers plus remote connections.
+    let in_flight =
+        Arc::new(Semaphore::new(deliverer.config.workers + deliverer.outbound.concurrency()));
+    let local_slots = Arc::new(Semaphore::new(deliverer.config.workers));
+    let handle = {
         let queue = queue.clone();
-        let mut shutdown = shutdown.clone();
-        workers.push(tokio::spawn(async move {
+        let mut shutdown = shutdown;
+        tokio::spawn(async move {
+            let mut running = JoinSet::new();
             loop {
                 let job = tokio::select! {
-                    job = async { receiver.lock().await.recv().await } => job,
+                    job = receiver.recv() => job,
                     _ = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => None,
                 };
                 let Some(job) = job else { break };
-                deliverer.deliver(job, &queue).await;
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let deliverer = deliverer.clone();
+                let queue = queue.clone();
+                let local_slots = local_slots.clone();
+                running.spawn(async move {
+                    let _permit = permit;
+                    deliverer.deliver(job, &queue, &local_slots).await;
+                });
+                // Reap finished deliveries so the set does not grow.
+                while running.try_join_next().is_some() {}
             }
-        }));
-    }
-    let handle = tokio::spawn(async move {
-        for worker in workers {
-            let _ = worker.await;
-        }
-    });
+            while running.join_next().await.is_some() {}
+        })
+    };
     (queue, handle)
 }
 
@@ -95,22 +163,6 @@ pub async fn recover(spool: &dyn QueueStore, queue: &DeliveryQueue) -> anyhow::R
     Ok(count)
 }
 
-impl DeliveryQueue {
-    /// Queues a job now or at `at`.
-    fn schedule(&self, job: Job, at: SystemTime) {
-        let delay = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
-        if delay.is_zero() {
-            let _ = self.jobs.send(job);
-            return;
-        }
-        let jobs = self.jobs.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = jobs.send(job);
-        });
-    }
-}
-
 /// The earliest time a non-final recipient is due, or None when all are final.
 fn next_attempt(recipients: &[Recipient]) -> Option<SystemTime> {
     recipients
@@ -128,8 +180,13 @@ pub fn backoff(initial: Duration, max: Duration, attempts: u32) -> Duration {
     initial.saturating_mul(1u32.checked_shl(attempts).unwrap_or(u32::MAX)).min(max)
 }
 
+/// The domain part of a final address, lower case: what remote recipients are grouped by.
+fn domain_of(address: &str) -> String {
+    address.rsplit_once('@').map(|(_, domain)| domain).unwrap_or("").to_ascii_lowercase()
+}
+
 impl Deliverer {
-    async fn deliver(&self, mut job: Job, queue: &DeliveryQueue) {
+    async fn deliver(&self, mut job: Job, queue: &DeliveryQueue, local_slots: &Semaphore) {
         let now = SystemTime::now();
         let due: Vec<usize> = job
             .recipients
@@ -156,7 +213,43 @@ impl Deliverer {
                 return;
             }
         };
-        let updates = self.deliver_local(&job, &due, content).await;
+        let (local, remote): (Vec<usize>, Vec<usize>) = due
+            .into_iter()
+            .partition(|&i| self.router.is_local_address(&job.recipients[i].address));
+        let (mut attempts, remote_attempts) = tokio::join!(
+            async {
+                if local.is_empty() {
+                    return Vec::new();
+                }
+                let _slot = local_slots.acquire().await;
+                self.deliver_local(&job, &local, content.clone()).await
+            },
+            self.deliver_remote(&job, &remote, content.clone())
+        );
+        attempts.extend(remote_attempts);
+        let now = SystemTime::now();
+        let mut updates = Vec::with_capacity(attempts.len());
+        let mut reports = Vec::new();
+        for (index, attempt) in attempts {
+            let (status, attempt) = self.status_after(&job, index, attempt, now);
+            let sender_is_null = job.envelope.sender.is_empty();
+            if let Some(report) =
+                self.notifier.report_for(&job.recipients[index], &attempt, &status, sender_is_null)
+            {
+                reports.push(report);
+            }
+            updates.push((index, status));
+        }
+        if !reports.is_empty() {
+            // Stored before the outcomes are recorded: see the module comment.
+            if let Err(error) =
+                self.notifier.send(job.id, &job.envelope, &content, reports, queue).await
+            {
+                error!(queue_id = %job.id, %error, "cannot queue a delivery status notification; retrying the delivery later");
+                queue.schedule(job, now + self.config.retry_initial);
+                return;
+            }
+        }
         for (index, status) in &updates {
             job.recipients[*index].status = status.clone();
         }
@@ -174,13 +267,50 @@ impl Deliverer {
         }
     }
 
-    /// Writes each due recipient's copy; returns the new status of each.
+    /// Delivers the remote recipients: one SMTP delivery per destination domain (and per
+    /// `max_recipients`), all domains at once.
+    async fn deliver_remote(
+        &self,
+        job: &Job,
+        due: &[usize],
+        content: Arc<Vec<u8>>,
+    ) -> Vec<(usize, Attempt)> {
+        let mut by_domain: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for &index in due {
+            by_domain.entry(domain_of(&job.recipients[index].address)).or_default().push(index);
+        }
+        let mut deliveries = JoinSet::new();
+        for (domain, indexes) in by_domain {
+            for chunk in indexes.chunks(self.outbound.max_recipients()) {
+                let outbound = self.outbound.clone();
+                let envelope = job.envelope.clone();
+                let content = content.clone();
+                let recipients: Vec<(usize, Recipient)> =
+                    chunk.iter().map(|&i| (i, job.recipients[i].clone())).collect();
+                let domain = domain.clone();
+                let id = job.id;
+                deliveries.spawn(async move {
+                    outbound.deliver(id, &envelope, &content, &domain, recipients).await
+                });
+            }
+        }
+        let mut attempts = Vec::with_capacity(due.len());
+        while let Some(result) = deliveries.join_next().await {
+            match result {
+                Ok(results) => attempts.extend(results),
+                Err(error) => error!(queue_id = %job.id, %error, "outbound delivery task failed"),
+            }
+        }
+        attempts
+    }
+
+    /// Writes each due local recipient's copy.
     async fn deliver_local(
         &self,
         job: &Job,
         due: &[usize],
         content: Arc<Vec<u8>>,
-    ) -> Vec<(usize, RecipientStatus)> {
+    ) -> Vec<(usize, Attempt)> {
         let plan: Vec<(usize, String, Option<String>)> = due
             .iter()
             .map(|&i| {
@@ -204,7 +334,7 @@ impl Deliverer {
                                 .deliver(mailbox, prefix.as_bytes(), &content)
                                 .map_err(|e| (e.is_transient(), e.to_string()))
                         }
-                        None => Err((false, "5.1.1 mailbox no longer exists".to_string())),
+                        None => Err((false, "mailbox no longer exists".to_string())),
                     };
                     (i, address, result)
                 })
@@ -218,44 +348,88 @@ impl Deliverer {
                 return Vec::new();
             }
         };
-        let now = SystemTime::now();
         written
             .into_iter()
             .map(|(i, address, result)| {
-                let status = match result {
+                let attempt = match result {
                     Ok(path) => {
                         info!(queue_id = %job.id, recipient = %address, path = %path.display(), result = "delivered", "delivered to maildir");
-                        RecipientStatus::Delivered { at: now, detail: "delivered to maildir".into() }
+                        Attempt::Delivered {
+                            detail: "delivered to maildir".into(),
+                            remote_host: None,
+                            dsn_passed_on: false,
+                        }
                     }
-                    Err((transient, why)) => self.failure(job, i, &address, transient, why, now),
+                    Err((true, why)) => Attempt::failed(false, EnhancedStatus(4, 3, 0), why),
+                    Err((false, why)) => Attempt::failed(true, EnhancedStatus(5, 1, 1), why),
                 };
-                (i, status)
+                (i, attempt)
             })
             .collect()
     }
 
-    fn failure(
+    /// The recipient's new status after an attempt, and the attempt as notifications should
+    /// report it (a temporary failure past the lifetime becomes a permanent one, 4.4.7).
+    fn status_after(
         &self,
         job: &Job,
         index: usize,
-        address: &str,
-        transient: bool,
-        why: String,
+        attempt: Attempt,
         now: SystemTime,
-    ) -> RecipientStatus {
+    ) -> (RecipientStatus, Attempt) {
+        let address = &job.recipients[index].address;
         let attempts = match &job.recipients[index].status {
             RecipientStatus::Deferred { attempts, .. } => attempts + 1,
             _ => 1,
         };
-        let age = now.duration_since(job.envelope.received_at).unwrap_or_default();
-        if transient && age < self.config.max_lifetime {
-            let delay = backoff(self.config.retry_initial, self.config.retry_max, attempts - 1);
-            warn!(queue_id = %job.id, recipient = %address, attempts, retry_in = delay.as_secs(), error = %why, result = "deferred", "delivery deferred");
-            RecipientStatus::Deferred { attempts, next_attempt: now + delay, last_error: why }
-        } else {
-            error!(queue_id = %job.id, recipient = %address, attempts, error = %why, result = "failed", "delivery failed");
-            RecipientStatus::Failed { at: now, error: why }
+        match attempt {
+            Attempt::Delivered { ref detail, .. } => {
+                (RecipientStatus::Delivered { at: now, detail: detail.clone() }, attempt)
+            }
+            Attempt::Failed { permanent, status, reason, remote_reply, remote_host } => {
+                let why = describe_failure(status, &reason, remote_reply.as_deref());
+                let age = now.duration_since(job.envelope.received_at).unwrap_or_default();
+                if !permanent && age < self.config.max_lifetime {
+                    let delay =
+                        backoff(self.config.retry_initial, self.config.retry_max, attempts - 1);
+                    warn!(queue_id = %job.id, recipient = %address, attempts, retry_in = delay.as_secs(), error = %why, result = "deferred", "delivery deferred");
+                    let deferred = RecipientStatus::Deferred {
+                        attempts,
+                        next_attempt: now + delay,
+                        last_error: why,
+                    };
+                    let attempt =
+                        Attempt::Failed { permanent, status, reason, remote_reply, remote_host };
+                    return (deferred, attempt);
+                }
+                let (status, reason) = if permanent {
+                    (status, reason)
+                } else {
+                    // RFC 3463: X.4.7 "Delivery time expired".
+                    (
+                        EnhancedStatus(5, 4, 7),
+                        format!(
+                            "delivery time expired after {attempts} attempts; last error: {reason}"
+                        ),
+                    )
+                };
+                let why = describe_failure(status, &reason, remote_reply.as_deref());
+                error!(queue_id = %job.id, recipient = %address, attempts, error = %why, result = "failed", "delivery failed");
+                (
+                    RecipientStatus::Failed { at: now, error: why },
+                    Attempt::Failed { permanent: true, status, reason, remote_reply, remote_host },
+                )
+            }
         }
+    }
+}
+
+/// One line for the queue and logs: the status, our reason, and the remote reply if any.
+fn describe_failure(status: EnhancedStatus, reason: &str, remote_reply: Option<&str>) -> String {
+    let EnhancedStatus(class, subject, detail) = status;
+    match remote_reply {
+        Some(reply) => format!("{class}.{subject}.{detail} {reason} (remote said: {reply})"),
+        None => format!("{class}.{subject}.{detail} {reason}"),
     }
 }
 
@@ -296,5 +470,19 @@ mod tests {
             next_attempt(&[later, recipient(RecipientStatus::Pending)]),
             Some(SystemTime::UNIX_EPOCH)
         );
+    }
+
+    #[test]
+    fn failure_descriptions_carry_their_status() {
+        let text = describe_failure(EnhancedStatus(4, 4, 1), "connection refused", None);
+        assert_eq!(text, "4.4.1 connection refused");
+        let text = describe_failure(
+            EnhancedStatus(5, 1, 1),
+            "recipient refused",
+            Some("550 5.1.1 No such user"),
+        );
+        assert!(text.ends_with("(remote said: 550 5.1.1 No such user)"));
+        assert_eq!(domain_of("A@Example.ORG"), "example.org");
+        assert_eq!(domain_of("u@[127.0.0.2]"), "[127.0.0.2]");
     }
 }

@@ -3,6 +3,8 @@
 mod config;
 mod conn;
 mod delivery;
+mod notify;
+mod outbound;
 mod router;
 mod server;
 mod tls;
@@ -100,12 +102,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown) = watch::channel(false);
     let maildir_root = data_dir.join("maildir");
     create_private_dir(&maildir_root)?;
+    let outbound = Arc::new(
+        outbound::Outbound::new(config.outbound.clone(), &config.dns, &config.hostname)
+            .context("setting up outbound delivery")?,
+    );
+    tokio::spawn({
+        let outbound = outbound.clone();
+        async move {
+            loop {
+                tokio::time::sleep(outbound.reap_interval()).await;
+                outbound.reap_idle().await;
+            }
+        }
+    });
     let (delivery_queue, delivery_done) = delivery::start(
         delivery::Deliverer {
             spool: spool.clone(),
             router: router.clone(),
             maildir: maildir::MaildirRoot::new(maildir_root),
             config: config.delivery.clone(),
+            outbound,
+            notifier: notify::Notifier {
+                spool: spool.clone(),
+                hostname: config.hostname.clone(),
+                return_size_limit: usize::try_from(config.delivery.bounce_size_limit)
+                    .unwrap_or(usize::MAX),
+            },
         },
         shutdown.clone(),
     );

@@ -103,6 +103,14 @@ impl Router {
         }
     }
 
+    /// Whether a final address (from [`Router::resolve`]) is in one of our domains; every
+    /// other address is delivered over SMTP.
+    pub fn is_local_address(&self, address: &str) -> bool {
+        address.rsplit_once('@').is_some_and(|(_, domain)| {
+            self.domains.contains(&domain.trim_end_matches('.').to_ascii_lowercase())
+        })
+    }
+
     /// Looks up a RCPT TO path.
     pub fn resolve(&self, path: &ForwardPath) -> Lookup {
         let (local_part, domain) = match path {

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use smtp_proto::reply::{self, EnhancedStatus, Reply};
 use smtp_proto::trace::{ReceivedFacts, received_header};
-use smtp_proto::{ForwardPath, MailFrom, RcptTo, ReversePath, SessionConfig, Transaction};
+use smtp_proto::{Domain, ForwardPath, MailFrom, RcptTo, ReversePath, SessionConfig, Transaction};
 use spool::{Envelope, NewMessage, QueueId, QueueStore, Recipient, RecipientStatus, SpoolError};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -57,15 +57,25 @@ impl Server {
         self.check_storage(mail.size.unwrap_or(0))
     }
 
-    /// Decides a RCPT command against the local domains and mailboxes.
-    pub fn check_rcpt(&self, rcpt: &RcptTo) -> Result<(), Reply> {
+    /// Decides a RCPT command: local domains by their mailboxes; any other domain only for
+    /// clients in `relay.networks` (never an open relay).
+    pub fn check_rcpt(&self, rcpt: &RcptTo, client: IpAddr) -> Result<(), Reply> {
         match self.router.resolve(&rcpt.path) {
             Lookup::Local(_) => Ok(()),
             Lookup::NoSuchUser => Err(reply::NO_SUCH_USER),
-            // Relaying needs authentication, which this version does not offer: every
-            // non-local recipient is refused (never an open relay).
+            Lookup::NotLocal if self.may_relay(rcpt, client) => Ok(()),
             Lookup::NotLocal => Err(reply::RELAY_DENIED),
         }
+    }
+
+    /// A remote recipient is taken only from a trusted network, and only with a domain that
+    /// outbound delivery can route: a name or an IP literal, not a general literal.
+    fn may_relay(&self, rcpt: &RcptTo, client: IpAddr) -> bool {
+        let routable = match &rcpt.path {
+            ForwardPath::Mailbox(mailbox) => !matches!(mailbox.domain, Domain::GeneralLiteral(_)),
+            ForwardPath::Postmaster => false,
+        };
+        routable && self.config.relay.allows(client)
     }
 
     fn check_storage(&self, needed: u64) -> Result<(), Reply> {
@@ -175,7 +185,12 @@ impl Server {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::with_capacity(rcpts.len());
         for rcpt in rcpts {
-            let Lookup::Local(addresses) = self.router.resolve(&rcpt.path) else { continue };
+            let addresses = match self.router.resolve(&rcpt.path) {
+                Lookup::Local(addresses) => addresses,
+                // Accepted for relaying at RCPT time.
+                Lookup::NotLocal => vec![rcpt.path.to_string()],
+                Lookup::NoSuchUser => continue,
+            };
             let original = match &rcpt.path {
                 ForwardPath::Postmaster => "Postmaster".to_string(),
                 ForwardPath::Mailbox(mailbox) => mailbox.to_string(),

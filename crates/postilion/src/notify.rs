@@ -1,0 +1,163 @@
+//! Delivery status notifications from the queue manager: which outcomes call for one (RFC
+//! 3461 NOTIFY rules, via the dsn crate), building them, and queueing them durably with a null
+//! reverse-path so that a notice that cannot be delivered never produces another one.
+
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dsn::{Action, Diagnostic, Kind, OriginalEnvelope, ReceivedFrom, RecipientReport, Report};
+use smtp_proto::{EnhancedStatus, Notify};
+use spool::{Envelope, NewMessage, QueueId, QueueStore, Recipient, RecipientStatus, SpoolError};
+use tracing::{info, warn};
+
+use crate::delivery::{Attempt, DeliveryQueue};
+
+pub struct Notifier {
+    pub spool: Arc<dyn QueueStore>,
+    /// Our host name: Reporting-MTA and the notices' From and Message-ID.
+    pub hostname: String,
+    /// Octets of the original returned in full with a failure notice.
+    pub return_size_limit: usize,
+}
+
+impl Notifier {
+    /// The report line for one recipient's new status, when its NOTIFY asks for one.
+    pub fn report_for(
+        &self,
+        recipient: &Recipient,
+        attempt: &Attempt,
+        status: &RecipientStatus,
+        sender_is_null: bool,
+    ) -> Option<RecipientReport> {
+        let (action, code, remote_host, diagnostic) = match (attempt, status) {
+            (Attempt::Delivered { remote_host: None, .. }, RecipientStatus::Delivered { .. }) => {
+                // RFC 3464 section 2.3.3: "delivered" for final delivery; X.0.0 success.
+                (Action::Delivered, EnhancedStatus(2, 0, 0), None, None)
+            }
+            (
+                Attempt::Delivered { remote_host: Some(host), dsn_passed_on, detail },
+                RecipientStatus::Delivered { .. },
+            ) => {
+                // RFC 3461 section 5.2.2: relayed to a server that takes the DSN parameters,
+                // that server reports success itself; otherwise we say "relayed".
+                if *dsn_passed_on {
+                    return None;
+                }
+                (
+                    Action::Relayed,
+                    EnhancedStatus(2, 0, 0),
+                    Some(host.clone()),
+                    Some(Diagnostic::Smtp(detail.clone())),
+                )
+            }
+            (
+                Attempt::Failed { status, reason, remote_reply, remote_host, .. },
+                RecipientStatus::Failed { .. },
+            ) => {
+                let diagnostic = match remote_reply {
+                    Some(reply) => Diagnostic::Smtp(reply.clone()),
+                    None => Diagnostic::Local(reason.clone()),
+                };
+                (Action::Failed, *status, remote_host.clone(), Some(diagnostic))
+            }
+            // Deferred: delay warnings are not sent (see README).
+            _ => return None,
+        };
+        if !dsn::should_notify(action.kind(), recipient.notify, sender_is_null, false) {
+            return None;
+        }
+        let mut report = RecipientReport::new(recipient.address.clone(), action, code);
+        report.original_recipient = recipient.orcpt.clone();
+        report.remote_mta = remote_host;
+        report.diagnostic = diagnostic;
+        report.last_attempt = Some(SystemTime::now());
+        Some(report)
+    }
+
+    /// Builds one notice per kind and stores each durably, then hands them to delivery.
+    pub async fn send(
+        &self,
+        id: QueueId,
+        envelope: &Envelope,
+        content: &[u8],
+        reports: Vec<RecipientReport>,
+        queue: &DeliveryQueue,
+    ) -> Result<(), SpoolError> {
+        if dsn::is_notification(content) {
+            // RFC 3834 section 2 and RFC 5321 section 3.6.3: never a notice about a notice or
+            // an automatic reply, even one sent with a real reverse-path.
+            info!(queue_id = %id, "no notification about a notification or auto-reply");
+            return Ok(());
+        }
+        let original = OriginalEnvelope {
+            sender: envelope.sender.clone(),
+            envid: envelope.envid.clone(),
+            ret: envelope.ret,
+            smtputf8: envelope.smtputf8,
+            arrival_date: envelope.received_at,
+            received_from: Some(ReceivedFrom {
+                helo: envelope.helo.clone(),
+                ip: envelope.client_ip,
+            }),
+        };
+        for kind in [Kind::Failure, Kind::Success, Kind::Relayed] {
+            let recipients: Vec<RecipientReport> =
+                reports.iter().filter(|r| r.action.kind() == kind).cloned().collect();
+            if recipients.is_empty() {
+                continue;
+            }
+            let notice_id = QueueId::generate();
+            let report = Report {
+                reporting_mta: self.hostname.clone(),
+                date: SystemTime::now(),
+                message_id: notice_id.to_string(),
+                return_size_limit: self.return_size_limit,
+                original: original.clone(),
+                recipients,
+            };
+            let notification = match report.build(content) {
+                Ok(notification) => notification,
+                Err(error) => {
+                    // A caller mistake, not a passing condition: log it and go on rather than
+                    // retry forever.
+                    warn!(queue_id = %id, %error, "cannot build a delivery status notification");
+                    continue;
+                }
+            };
+            let notice_envelope = Envelope {
+                // RFC 3461 section 6.1: "The DSN sender address (in the SMTP MAIL command)
+                // MUST be a null reverse-path".
+                sender: String::new(),
+                body: notification.body,
+                smtputf8: notification.smtputf8,
+                ret: None,
+                envid: None,
+                client_ip: IpAddr::V6(Ipv6Addr::LOCALHOST),
+                helo: self.hostname.clone(),
+                tls: None,
+                authenticated_as: None,
+                received_at: SystemTime::now(),
+            };
+            let recipient = Recipient {
+                address: envelope.sender.clone(),
+                original: envelope.sender.clone(),
+                // RFC 3461 section 6.1: NOTIFY "MAY be used, but its value MUST be NEVER".
+                notify: Some(Notify::NEVER),
+                orcpt: None,
+                status: RecipientStatus::Pending,
+            };
+            self.spool
+                .store(NewMessage {
+                    id: notice_id,
+                    envelope: notice_envelope.clone(),
+                    recipients: vec![recipient.clone()],
+                    content: notification.message,
+                })
+                .await?;
+            info!(queue_id = %id, notice = %notice_id, kind = %kind, to = %envelope.sender, "delivery status notification queued");
+            queue.submit(notice_id, notice_envelope, vec![recipient]);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,421 @@
+//! Outbound delivery over SMTP: finds the next hop of a domain (a configured route or its MX
+//! hosts), connects to each host in turn until one takes the transaction, and reports an
+//! [`Attempt`] per recipient. Connections are reused for later messages to the same host, and
+//! capped in all and per destination domain.
+
+mod connection;
+pub mod dns;
+mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use smtp_proto::client::{
+    self, AfterTransaction, ClientError, RecipientResult, TlsIntent, Transaction, TransactionStep,
+};
+use smtp_proto::{BodyType, EnhancedStatus};
+use spool::{Envelope, QueueId, Recipient};
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use crate::config::{OutboundConfig, OutboundTls};
+use crate::delivery::Attempt;
+use connection::{Connection, Dial};
+use dns::{Exchanger, MxResolver, RouteError};
+
+/// At most this many connections are tried for one delivery, over all exchangers and their
+/// addresses, so a domain with many dead hosts costs a bounded time per attempt.
+const MAX_CONNECTION_ATTEMPTS: usize = 10;
+
+/// Where a domain's mail goes and how.
+struct NextHop {
+    exchangers: Vec<Exchanger>,
+    port: u16,
+    tls: OutboundTls,
+}
+
+/// Idle connections are kept per address, port and TLS policy: a connection opened under
+/// a weaker policy must never serve a delivery that requires more.
+type PoolKey = (SocketAddr, OutboundTls);
+
+struct IdleConnection {
+    connection: Connection,
+    since: Instant,
+}
+
+pub struct Outbound {
+    config: OutboundConfig,
+    helo_name: String,
+    resolver: MxResolver,
+    tls: tls::ClientTls,
+    connections: Arc<Semaphore>,
+    destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
+    idle: Mutex<HashMap<PoolKey, Vec<IdleConnection>>>,
+}
+
+/// How the outcome of a connection attempt affects the rest of the delivery.
+enum Tried {
+    /// Every recipient has its result.
+    Done(Vec<(usize, Attempt)>),
+    /// This host could not take the message; try the next one. The failure stands for every
+    /// recipient if no host can.
+    NextHost(Attempt),
+}
+
+impl Outbound {
+    pub fn new(
+        config: OutboundConfig,
+        dns: &crate::config::DnsConfig,
+        hostname: &str,
+    ) -> anyhow::Result<Outbound> {
+        let helo_name = config.helo_name.clone().unwrap_or_else(|| hostname.to_string());
+        let resolver = MxResolver::new(dns, &helo_name)?;
+        let tls = tls::ClientTls::new(config.ca_file.as_deref())?;
+        Ok(Outbound {
+            connections: Arc::new(Semaphore::new(config.concurrency)),
+            helo_name,
+            resolver,
+            tls,
+            destinations: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
+            config,
+        })
+    }
+
+    pub fn concurrency(&self) -> usize {
+        self.config.concurrency
+    }
+
+    pub fn max_recipients(&self) -> usize {
+        self.config.max_recipients
+    }
+
+    /// Delivers one message to the recipients of one domain.
+    pub async fn deliver(
+        &self,
+        id: QueueId,
+        envelope: &Envelope,
+        content: &[u8],
+        domain: &str,
+        recipients: Vec<(usize, Recipient)>,
+    ) -> Vec<(usize, Attempt)> {
+        let hop = match self.next_hop(domain).await {
+            Ok(hop) => hop,
+            Err(RouteError { permanent, status, reason }) => {
+                let attempt = Attempt::failed(permanent, status, reason);
+                return recipients.iter().map(|(i, _)| (*i, attempt.clone())).collect();
+            }
+        };
+        let destination = self.destination_slots(domain);
+        let _destination = destination.acquire().await;
+        let _connection = self.connections.acquire().await;
+        let mut last_failure = None;
+        let mut tried = 0;
+        'hosts: for exchanger in &hop.exchangers {
+            for ip in &exchanger.addresses {
+                if tried == MAX_CONNECTION_ATTEMPTS {
+                    break 'hosts;
+                }
+                tried += 1;
+                let address = SocketAddr::new(*ip, hop.port);
+                let mut connection = match self.connect(&exchanger.host, address, hop.tls).await {
+                    Ok(connection) => connection,
+                    Err(failure) => {
+                        warn!(queue_id = %id, host = %exchanger.host, %address, error = %failure, "cannot use host");
+                        last_failure = Some(failure_attempt(&failure, &exchanger.host));
+                        continue;
+                    }
+                };
+                let (tried, after) =
+                    self.transfer(&mut connection, id, envelope, content, &recipients).await;
+                match after {
+                    AfterTransaction::Ready => self.release(connection, hop.tls).await,
+                    AfterTransaction::NeedsReset => connection.quit().await,
+                    AfterTransaction::Closing => {}
+                }
+                match tried {
+                    Tried::Done(results) => return results,
+                    Tried::NextHost(failure) => last_failure = Some(failure),
+                }
+            }
+        }
+        let failure = last_failure.unwrap_or_else(|| {
+            Attempt::failed(false, connection::NO_ANSWER, format!("no host for {domain} answered"))
+        });
+        recipients.iter().map(|(i, _)| (*i, failure.clone())).collect()
+    }
+
+    async fn next_hop(&self, domain: &str) -> Result<NextHop, RouteError> {
+        let route = self.config.routes.get(domain).or_else(|| self.config.routes.get("*"));
+        let Some(route) = route else {
+            return Ok(NextHop {
+                exchangers: self.resolver.exchangers(domain).await?,
+                port: self.config.port,
+                tls: self.config.tls,
+            });
+        };
+        let exchangers = match route.mx {
+            true => self.resolver.exchangers(&route.host).await?,
+            false => vec![self.resolver.host(&route.host).await?],
+        };
+        Ok(NextHop {
+            exchangers,
+            port: route.port.unwrap_or(self.config.port),
+            tls: route.tls.unwrap_or(self.config.tls),
+        })
+    }
+
+    /// Runs one transaction on a ready connection.
+    async fn transfer(
+        &self,
+        connection: &mut Connection,
+        id: QueueId,
+        envelope: &Envelope,
+        content: &[u8],
+        recipients: &[(usize, Recipient)],
+    ) -> (Tried, AfterTransaction) {
+        let host = connection.host.clone();
+        let wire_envelope = client::Envelope {
+            sender: envelope.sender.clone(),
+            body: envelope.body,
+            // Only needed (and only scanned) when an 8BITMIME message meets a server
+            // without 8BITMIME.
+            seven_bit_content: envelope.body == BodyType::EightBitMime
+                && !connection.session.extensions().eight_bit_mime
+                && client::is_seven_bit(content),
+            smtputf8: envelope.smtputf8,
+            ret: envelope.ret,
+            envid: envelope.envid.clone(),
+            size: content.len() as u64,
+            recipients: recipients
+                .iter()
+                .map(|(_, r)| client::EnvelopeRecipient {
+                    address: r.address.clone(),
+                    notify: r.notify,
+                    orcpt: r.orcpt.clone(),
+                })
+                .collect(),
+        };
+        let (mut transaction, first) = match Transaction::begin(
+            connection.session.extensions(),
+            &wire_envelope,
+        ) {
+            Ok(begun) => begun,
+            Err(refusal) => {
+                warn!(queue_id = %id, host = %host, error = %refusal, "server cannot take the message");
+                let attempt = Attempt::Failed {
+                    permanent: refusal.error.is_permanent() && !refusal.try_next_host,
+                    status: refusal.error.status,
+                    reason: refusal.error.description.clone(),
+                    remote_reply: None,
+                    remote_host: Some(host),
+                };
+                let tried = match refusal.try_next_host {
+                    true => Tried::NextHost(attempt),
+                    false => {
+                        Tried::Done(recipients.iter().map(|(i, _)| (*i, attempt.clone())).collect())
+                    }
+                };
+                return (tried, AfterTransaction::Ready);
+            }
+        };
+        let timeouts = &self.config;
+        let outcome = 'transaction: {
+            if let Err(error) = connection.write(&first, timeouts.command_timeout).await {
+                break 'transaction transaction.abort(&error.description);
+            }
+            let mut wait = timeouts.command_timeout;
+            loop {
+                let reply = match connection.read_reply(wait).await {
+                    Ok(reply) => reply,
+                    Err(error) => break 'transaction transaction.abort(&error.description),
+                };
+                wait = timeouts.command_timeout;
+                match transaction.on_reply(reply) {
+                    TransactionStep::Send(bytes) => {
+                        if bytes.starts_with(b"DATA") {
+                            wait = timeouts.data_timeout;
+                        }
+                        if let Err(error) = connection.write(&bytes, timeouts.command_timeout).await
+                        {
+                            break 'transaction transaction.abort(&error.description);
+                        }
+                    }
+                    TransactionStep::SendContent => {
+                        let framed = transaction.frame_content(content);
+                        for part in framed.parts() {
+                            if part.is_empty() {
+                                continue;
+                            }
+                            if let Err(error) =
+                                connection.write(part, timeouts.data_block_timeout).await
+                            {
+                                break 'transaction transaction.abort(&error.description);
+                            }
+                        }
+                        wait = timeouts.data_done_timeout;
+                    }
+                    TransactionStep::ReadReply => {}
+                    TransactionStep::Done(outcome) => break 'transaction outcome,
+                }
+            }
+        };
+        let tls = connection.tls.as_deref().unwrap_or("none");
+        if let Some(error) = &outcome.mail_failure {
+            if !error.is_permanent() {
+                warn!(queue_id = %id, host = %host, address = %connection.address, tls, error = %error, "sender refused for now; trying another host");
+                return (Tried::NextHost(failure_attempt(error, &host)), outcome.connection);
+            }
+        }
+        let results = recipients
+            .iter()
+            .zip(outcome.recipients)
+            .map(|((index, recipient), result)| {
+                let attempt = match result {
+                    RecipientResult::Accepted(reply) => {
+                        info!(queue_id = %id, recipient = %recipient.address, host = %host, address = %connection.address, tls, reply = %reply, result = "delivered", "relayed");
+                        Attempt::Delivered {
+                            detail: reply.to_string(),
+                            remote_host: Some(host.clone()),
+                            dsn_passed_on: outcome.dsn_passed_on,
+                        }
+                    }
+                    RecipientResult::Failed(error) => Attempt::Failed {
+                        permanent: error.is_permanent(),
+                        status: error.status,
+                        reason: error.description,
+                        remote_reply: error.reply.map(|reply| reply.to_string()),
+                        remote_host: Some(host.clone()),
+                    },
+                };
+                (*index, attempt)
+            })
+            .collect();
+        (Tried::Done(results), outcome.connection)
+    }
+
+    fn destination_slots(&self, domain: &str) -> Arc<Semaphore> {
+        let mut destinations = self.destinations.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget idle domains now and then so the map does not grow with every domain ever
+        // mailed.
+        if destinations.len() > 10_000 {
+            let full = self.config.destination_concurrency;
+            destinations.retain(|_, slots| slots.available_permits() < full);
+        }
+        destinations
+            .entry(domain.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.destination_concurrency)))
+            .clone()
+    }
+
+    /// An idle connection to the address under the same policy, or a new one.
+    async fn connect(
+        &self,
+        host: &str,
+        address: SocketAddr,
+        policy: OutboundTls,
+    ) -> Result<Connection, ClientError> {
+        while let Some(idle) = self.take_idle(address, policy) {
+            if idle.is_stale().await {
+                continue;
+            }
+            return Ok(idle);
+        }
+        let (intent, tls_config) = match policy {
+            OutboundTls::None => (TlsIntent::Never, None),
+            OutboundTls::Opportunistic => {
+                (TlsIntent::Opportunistic, Some(self.tls.any_certificate.clone()))
+            }
+            OutboundTls::Require => (TlsIntent::Required, Some(self.tls.any_certificate.clone())),
+            OutboundTls::Verify => (TlsIntent::Required, self.tls.verified.clone()),
+        };
+        let dial = |intent, tls_config| Dial {
+            host,
+            address,
+            helo_name: &self.helo_name,
+            intent,
+            tls_config,
+            connect_timeout: self.config.connect_timeout,
+            greeting_timeout: self.config.greeting_timeout,
+            command_timeout: self.config.command_timeout,
+        };
+        match Connection::open(dial(intent, tls_config)).await {
+            // Opportunistic TLS must not make mail undeliverable: a server whose handshake
+            // fails gets the message in plaintext, as it would without STARTTLS (RFC 7435
+            // section 3, and what Postfix does at security level "may").
+            Err(error)
+                if policy == OutboundTls::Opportunistic
+                    && error.status == EnhancedStatus(4, 7, 4) =>
+            {
+                warn!(host, %address, %error, "TLS failed; retrying without TLS");
+                Connection::open(dial(TlsIntent::Never, None)).await
+            }
+            other => other,
+        }
+    }
+
+    fn take_idle(&self, address: SocketAddr, policy: OutboundTls) -> Option<Connection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(&(address, policy))?;
+        let connection = list.pop().map(|idle| idle.connection);
+        if list.is_empty() {
+            idle.remove(&(address, policy));
+        }
+        connection
+    }
+
+    /// Keeps a connection for the next message to the same host, or closes it. A reaper
+    /// closes it after `idle_timeout`.
+    async fn release(&self, mut connection: Connection, policy: OutboundTls) {
+        if self.config.idle_timeout.is_zero() {
+            connection.quit().await;
+            return;
+        }
+        let key = (connection.address, policy);
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.entry(key).or_default().push(IdleConnection { connection, since: Instant::now() });
+    }
+
+    /// Closes the connections that have been idle for longer than `idle_timeout`. Runs
+    /// periodically for as long as the server does.
+    pub async fn reap_idle(&self) {
+        let expired: Vec<Connection> = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let limit = self.config.idle_timeout;
+            let mut expired = Vec::new();
+            for list in idle.values_mut() {
+                let (old, fresh): (Vec<_>, Vec<_>) =
+                    list.drain(..).partition(|entry| entry.since.elapsed() >= limit);
+                *list = fresh;
+                expired.extend(old.into_iter().map(|entry| entry.connection));
+            }
+            idle.retain(|_, list| !list.is_empty());
+            expired
+        };
+        for mut connection in expired {
+            connection.quit().await;
+        }
+    }
+
+    /// How often [`Outbound::reap_idle`] should run.
+    pub fn reap_interval(&self) -> Duration {
+        (self.config.idle_timeout / 2).max(Duration::from_millis(100))
+    }
+}
+
+/// A failed connection attempt as the result for every recipient, should no host do better.
+/// Always temporary, even after a 5xx greeting or EHLO refusal: a server that will not talk
+/// to us at all says nothing about the recipients, and may be misconfigured only for now
+/// (Postfix defers in this case too).
+fn failure_attempt(error: &ClientError, host: &str) -> Attempt {
+    let EnhancedStatus(_, subject, detail) = error.status;
+    Attempt::Failed {
+        permanent: false,
+        status: EnhancedStatus(4, subject, detail),
+        reason: error.description.clone(),
+        remote_reply: error.reply.as_ref().map(|reply| reply.to_string()),
+        remote_host: Some(host.to_string()),
+    }
+}
