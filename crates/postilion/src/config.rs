@@ -226,6 +226,12 @@ pub struct DeliveryConfig {
     /// its header. Default 50000 octets.
     #[serde(deserialize_with = "de_size")]
     pub bounce_size_limit: u64,
+    /// A recipient still not delivered this long after arrival gets one delay notice, if its
+    /// NOTIFY includes DELAY. `0` never sends one. Default 4h.
+    #[serde(deserialize_with = "de_optional_duration")]
+    pub delay_warning: Option<Duration>,
+    /// Delay notices also for recipients without NOTIFY. Default false, like Postfix.
+    pub delay_warning_by_default: bool,
 }
 
 impl Default for DeliveryConfig {
@@ -236,6 +242,8 @@ impl Default for DeliveryConfig {
             retry_max: Duration::from_secs(3600),
             max_lifetime: Duration::from_secs(5 * 86_400),
             bounce_size_limit: dsn::DEFAULT_RETURN_SIZE_LIMIT as u64,
+            delay_warning: Some(Duration::from_secs(4 * 3600)),
+            delay_warning_by_default: false,
         }
     }
 }
@@ -612,6 +620,14 @@ fn de_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D
         NumberOrText::Number(n) => Ok(Duration::from_secs(n)),
         NumberOrText::Text(text) => parse_duration(&text).map_err(serde::de::Error::custom),
     }
+}
+
+/// A duration where 0 means "never".
+fn de_optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    let duration = de_duration(deserializer)?;
+    Ok((!duration.is_zero()).then_some(duration))
 }
 
 #[cfg(test)]

@@ -232,10 +232,20 @@ impl Deliverer {
         let mut reports = Vec::new();
         for (index, attempt) in attempts {
             let (status, attempt) = self.status_after(&job, index, attempt, now);
-            let sender_is_null = job.envelope.sender.is_empty();
-            if let Some(report) =
-                self.notifier.report_for(&job.recipients[index], &attempt, &status, sender_is_null)
-            {
+            let delay_due =
+                matches!(status, RecipientStatus::Deferred { delay_notified: true, .. })
+                    && !matches!(
+                        job.recipients[index].status,
+                        RecipientStatus::Deferred { delay_notified: true, .. }
+                    );
+            let will_retry_until = job.envelope.received_at + self.config.max_lifetime;
+            if let Some(report) = self.notifier.report_for(
+                &job.envelope,
+                &job.recipients[index],
+                &attempt,
+                &status,
+                delay_due.then_some(will_retry_until),
+            ) {
                 reports.push(report);
             }
             updates.push((index, status));
@@ -393,10 +403,16 @@ impl Deliverer {
                     let delay =
                         backoff(self.config.retry_initial, self.config.retry_max, attempts - 1);
                     warn!(queue_id = %job.id, recipient = %address, attempts, retry_in = delay.as_secs(), error = %why, result = "deferred", "delivery deferred");
+                    let already_notified = matches!(
+                        job.recipients[index].status,
+                        RecipientStatus::Deferred { delay_notified: true, .. }
+                    );
                     let deferred = RecipientStatus::Deferred {
                         attempts,
                         next_attempt: now + delay,
                         last_error: why,
+                        delay_notified: already_notified
+                            || self.config.delay_warning.is_some_and(|after| age >= after),
                     };
                     let attempt =
                         Attempt::Failed { permanent, status, reason, remote_reply, remote_host };
@@ -464,6 +480,7 @@ mod tests {
             attempts: 1,
             next_attempt: at,
             last_error: String::new(),
+            delay_notified: false,
         });
         assert_eq!(next_attempt(&[done.clone(), later.clone()]), Some(at));
         assert_eq!(

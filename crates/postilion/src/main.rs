@@ -127,6 +127,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 hostname: config.hostname.clone(),
                 return_size_limit: usize::try_from(config.delivery.bounce_size_limit)
                     .unwrap_or(usize::MAX),
+                delay_by_default: config.delivery.delay_warning_by_default,
             },
         },
         shutdown.clone(),

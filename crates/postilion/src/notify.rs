@@ -19,16 +19,22 @@ pub struct Notifier {
     pub hostname: String,
     /// Octets of the original returned in full with a failure notice.
     pub return_size_limit: usize,
+    /// Delay notices also for recipients that gave no NOTIFY (RFC 3461 section 4.1 lets a
+    /// missing NOTIFY mean FAILURE or FAILURE,DELAY).
+    pub delay_by_default: bool,
 }
 
 impl Notifier {
     /// The report line for one recipient's new status, when its NOTIFY asks for one.
+    /// `delay_due` is set (to when retries end) when the recipient just became old enough
+    /// for a delay notice.
     pub fn report_for(
         &self,
+        envelope: &Envelope,
         recipient: &Recipient,
         attempt: &Attempt,
         status: &RecipientStatus,
-        sender_is_null: bool,
+        delay_due: Option<SystemTime>,
     ) -> Option<RecipientReport> {
         let (action, code, remote_host, diagnostic) = match (attempt, status) {
             (Attempt::Delivered { remote_host: None, .. }, RecipientStatus::Delivered { .. }) => {
@@ -61,10 +67,32 @@ impl Notifier {
                 };
                 (Action::Failed, *status, remote_host.clone(), Some(diagnostic))
             }
-            // Deferred: delay warnings are not sent (see README).
+            (
+                Attempt::Failed { status, reason, remote_reply, remote_host, .. },
+                RecipientStatus::Deferred { .. },
+            ) if delay_due.is_some() => {
+                let diagnostic = match remote_reply {
+                    Some(reply) => Diagnostic::Smtp(reply.clone()),
+                    None => Diagnostic::Local(reason.clone()),
+                };
+                // RFC 3464 section 2.3.3: "delayed" carries a 4.X.X status.
+                let EnhancedStatus(_, subject, detail) = *status;
+                (
+                    Action::Delayed,
+                    EnhancedStatus(4, subject, detail),
+                    remote_host.clone(),
+                    Some(diagnostic),
+                )
+            }
             _ => return None,
         };
-        if !dsn::should_notify(action.kind(), recipient.notify, sender_is_null, false) {
+        let sender_is_null = envelope.sender.is_empty();
+        if !dsn::should_notify(
+            action.kind(),
+            recipient.notify,
+            sender_is_null,
+            self.delay_by_default,
+        ) {
             return None;
         }
         let mut report = RecipientReport::new(recipient.address.clone(), action, code);
@@ -72,6 +100,9 @@ impl Notifier {
         report.remote_mta = remote_host;
         report.diagnostic = diagnostic;
         report.last_attempt = Some(SystemTime::now());
+        if action == Action::Delayed {
+            report.will_retry_until = delay_due;
+        }
         Some(report)
     }
 
@@ -101,7 +132,7 @@ impl Notifier {
                 ip: envelope.client_ip,
             }),
         };
-        for kind in [Kind::Failure, Kind::Success, Kind::Relayed] {
+        for kind in [Kind::Failure, Kind::Delay, Kind::Success, Kind::Relayed] {
             let recipients: Vec<RecipientReport> =
                 reports.iter().filter(|r| r.action.kind() == kind).cloned().collect();
             if recipients.is_empty() {

@@ -17,8 +17,13 @@ use crate::{
 };
 
 /// `PRAGMA user_version` of the layout below. Version 1 was a pre-release layout (recipients
-/// as JSON); it was never released and is not migrated.
-const SCHEMA_VERSION: i32 = 2;
+/// as JSON); it was never released and is not migrated. Version 2 lacked
+/// `recipient.delay_notified`, which [`MIGRATE_2_TO_3`] adds.
+const SCHEMA_VERSION: i32 = 3;
+
+/// Upgrades a version 2 spool in place: no recipient of it has had a delay notice.
+const MIGRATE_2_TO_3: &str =
+    "ALTER TABLE recipient ADD COLUMN delay_notified INTEGER NOT NULL DEFAULT 0;";
 
 const SCHEMA: &str = "
     CREATE TABLE message (
@@ -45,6 +50,7 @@ const SCHEMA: &str = "
         last_error    TEXT,                -- deferred: the last temporary error; failed: the error
         done_at       INTEGER,             -- delivered or failed: Unix milliseconds
         detail        TEXT,                -- delivered: the receiving side's answer
+        delay_notified INTEGER NOT NULL DEFAULT 0, -- deferred: 1 once a delay notice was due
         PRIMARY KEY (message_id, idx)
     ) WITHOUT ROWID;
 ";
@@ -61,6 +67,10 @@ pub(crate) fn migrate(connection: &Connection) -> Result<(), SpoolError> {
         match version {
             0 => {
                 connection.execute_batch(SCHEMA).context(context)?;
+                connection.pragma_update(None, "user_version", SCHEMA_VERSION).context(context)
+            }
+            2 => {
+                connection.execute_batch(MIGRATE_2_TO_3).context(context)?;
                 connection.pragma_update(None, "user_version", SCHEMA_VERSION).context(context)
             }
             SCHEMA_VERSION => Ok(()),
@@ -141,8 +151,9 @@ pub(crate) fn store(connection: &Connection, message: &NewMessage) -> Result<(),
     let mut insert = connection
         .prepare_cached(
             "INSERT INTO recipient (message_id, idx, address, original, notify, orcpt_type,
-                 orcpt_address, status, attempts, next_attempt, last_error, done_at, detail)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 orcpt_address, status, attempts, next_attempt, last_error, done_at, detail,
+                 delay_notified)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )
         .context(context)?;
     for (index, recipient) in message.recipients.iter().enumerate() {
@@ -162,6 +173,7 @@ pub(crate) fn store(connection: &Connection, message: &NewMessage) -> Result<(),
                 status.last_error,
                 status.done_at,
                 status.detail,
+                status.delay_notified,
             ])
             .context(context)?;
     }
@@ -186,7 +198,8 @@ pub(crate) fn update_recipients(
     let mut update = connection
         .prepare_cached(
             "UPDATE recipient SET status = ?3, attempts = coalesce(?4, attempts),
-                 next_attempt = ?5, last_error = ?6, done_at = ?7, detail = ?8
+                 next_attempt = ?5, last_error = ?6, done_at = ?7, detail = ?8,
+                 delay_notified = ?9
              WHERE message_id = ?1 AND idx = ?2",
         )
         .context(context)?;
@@ -202,6 +215,7 @@ pub(crate) fn update_recipients(
                 status.last_error,
                 status.done_at,
                 status.detail,
+                status.delay_notified,
             ])
             .context(context)?;
         if changed == 0 {
@@ -251,7 +265,7 @@ pub(crate) fn list(connection: &mut Connection) -> Result<Vec<QueuedMessage>, Sp
     let mut select = snapshot
         .prepare(
             "SELECT message_id, idx, address, original, notify, orcpt_type, orcpt_address,
-                 status, attempts, next_attempt, last_error, done_at, detail
+                 status, attempts, next_attempt, last_error, done_at, detail, delay_notified
              FROM recipient ORDER BY message_id, idx",
         )
         .context(context)?;
@@ -315,6 +329,7 @@ fn decode_recipient(row: &Row<'_>) -> Result<(QueueId, i64, Recipient), SpoolErr
     let last_error: Option<String> = row.get(10).context(context)?;
     let done_at: Option<i64> = row.get(11).context(context)?;
     let detail: Option<String> = row.get(12).context(context)?;
+    let delay_notified: bool = row.get(13).context(context)?;
     let missing = |column: &str| corrupt(format!("{status} without {column}"));
     let status = match status.as_str() {
         "pending" => RecipientStatus::Pending,
@@ -323,6 +338,7 @@ fn decode_recipient(row: &Row<'_>) -> Result<(QueueId, i64, Recipient), SpoolErr
                 .map_err(|_| corrupt(format!("{attempts} attempts")))?,
             next_attempt: from_sql_millis(next_attempt.ok_or_else(|| missing("next_attempt"))?),
             last_error: last_error.ok_or_else(|| missing("last_error"))?,
+            delay_notified,
         },
         "delivered" => RecipientStatus::Delivered {
             at: from_sql_millis(done_at.ok_or_else(|| missing("done_at"))?),
@@ -353,6 +369,7 @@ struct StatusColumns<'a> {
     last_error: Option<&'a str>,
     done_at: Option<i64>,
     detail: Option<&'a str>,
+    delay_notified: bool,
 }
 
 impl<'a> From<&'a RecipientStatus> for StatusColumns<'a> {
@@ -364,16 +381,20 @@ impl<'a> From<&'a RecipientStatus> for StatusColumns<'a> {
             last_error: None,
             done_at: None,
             detail: None,
+            delay_notified: false,
         };
         match status {
             RecipientStatus::Pending => empty,
-            RecipientStatus::Deferred { attempts, next_attempt, last_error } => StatusColumns {
-                status: "deferred",
-                attempts: Some(*attempts),
-                next_attempt: Some(sql_millis(*next_attempt)),
-                last_error: Some(last_error),
-                ..empty
-            },
+            RecipientStatus::Deferred { attempts, next_attempt, last_error, delay_notified } => {
+                StatusColumns {
+                    status: "deferred",
+                    attempts: Some(*attempts),
+                    next_attempt: Some(sql_millis(*next_attempt)),
+                    last_error: Some(last_error),
+                    delay_notified: *delay_notified,
+                    ..empty
+                }
+            }
             RecipientStatus::Delivered { at, detail } => StatusColumns {
                 status: "delivered",
                 done_at: Some(sql_millis(*at)),

@@ -106,6 +106,9 @@ pub enum RecipientStatus {
         attempts: u32,
         next_attempt: SystemTime,
         last_error: String,
+        /// A delay notice was due (and sent if the recipient's NOTIFY asked for one): it
+        /// must not be sent again.
+        delay_notified: bool,
     },
     Delivered {
         at: SystemTime,

@@ -90,6 +90,7 @@ fn store_list_load_round_trip() {
         attempts: 3,
         next_attempt: millis(1_795_400_000_001),
         last_error: "451 4.3.0 try again".into(),
+        delay_notified: false,
     };
     let mut second = message(b"\0\xff\r\n.\r\n\0");
     second.envelope = Envelope {
@@ -208,6 +209,7 @@ fn everything_persists_across_reopen() {
         attempts: 2,
         next_attempt: millis(2_000),
         last_error: "452 4.2.2 mailbox full".into(),
+        delay_notified: true,
     };
     let spool = SqliteSpool::open(dir.path()).unwrap();
     rt.block_on(async {
@@ -335,6 +337,40 @@ fn an_unknown_schema_is_refused() {
         Err(error) => panic!("unexpected error: {error}"),
         Ok(_) => panic!("opened a database with an unknown schema"),
     }
+}
+
+#[test]
+fn a_version_2_spool_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let mut stored = message(b"kept across the upgrade");
+    stored.recipients[0].status = RecipientStatus::Deferred {
+        attempts: 1,
+        next_attempt: millis(5_000),
+        last_error: "4.4.1 no answer".into(),
+        delay_notified: false,
+    };
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    rt.block_on(spool.store(stored.clone())).unwrap();
+    spool.close().unwrap();
+    // Turn the database back into the version 2 layout.
+    let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    connection.execute_batch("ALTER TABLE recipient DROP COLUMN delay_notified").unwrap();
+    connection.pragma_update(None, "user_version", 2).unwrap();
+    drop(connection);
+
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let listed = rt.block_on(spool.list()).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].recipients, stored.recipients);
+    let notified = RecipientStatus::Deferred {
+        attempts: 2,
+        next_attempt: millis(9_000),
+        last_error: "4.4.1 no answer".into(),
+        delay_notified: true,
+    };
+    rt.block_on(spool.update_recipients(stored.id, vec![(0, notified.clone())])).unwrap();
+    assert_eq!(rt.block_on(spool.list()).unwrap()[0].recipients[0].status, notified);
 }
 
 #[test]
