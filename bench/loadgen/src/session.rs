@@ -10,13 +10,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
+use smtp_proto::{Extensions, ServerReply};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::message::{Head, Template};
-use crate::reply::{ReplyError, ReplyReader, ehlo_has};
+use crate::reply::{ReplyError, ReplyReader};
 use crate::stats::{ErrorKind, SessionStats};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -168,7 +169,7 @@ impl ConnError {
 impl From<ReplyError> for ConnError {
     fn from(error: ReplyError) -> ConnError {
         let kind = match error {
-            ReplyError::Malformed(_) | ReplyError::TooLong => ErrorKind::Protocol,
+            ReplyError::Protocol(_) => ErrorKind::Protocol,
             ReplyError::Closed | ReplyError::Io(_) => ErrorKind::Connection,
         };
         ConnError::new(kind, error.to_string())
@@ -209,21 +210,20 @@ impl Connection {
         };
         tcp.set_nodelay(true).map_err(ConnError::io)?;
         let mut reader = ReplyReader::default();
-        let stream = match plan.tls {
+        let (stream, extensions) = match plan.tls {
             TlsMode::None => {
                 let mut tcp = tcp;
-                greet_and_ehlo(&mut tcp, &mut reader, plan).await?;
-                Stream::Plain(tcp)
+                let extensions = greet_and_ehlo(&mut tcp, &mut reader, plan).await?;
+                (Stream::Plain(tcp), extensions)
             }
             TlsMode::Implicit => {
                 let mut tls = handshake(plan, tcp).await?;
-                greet_and_ehlo(&mut tls, &mut reader, plan).await?;
-                Stream::Tls(Box::new(tls))
+                let extensions = greet_and_ehlo(&mut tls, &mut reader, plan).await?;
+                (Stream::Tls(Box::new(tls)), extensions)
             }
             TlsMode::Starttls => {
                 let mut tcp = tcp;
-                greet_and_ehlo(&mut tcp, &mut reader, plan).await?;
-                if !ehlo_has(reader.last_reply(), "STARTTLS") {
+                if !greet_and_ehlo(&mut tcp, &mut reader, plan).await?.starttls {
                     return Err(ConnError::new(
                         ErrorKind::Tls,
                         "the server does not offer STARTTLS",
@@ -231,7 +231,7 @@ impl Connection {
                 }
                 command(&mut tcp, &mut reader, b"STARTTLS\r\n", "STARTTLS", plan, |c| c == 220)
                     .await?;
-                if reader.buffered() > 0 {
+                if !reader.is_empty() {
                     // Anything sent before the handshake must not be taken as protected.
                     return Err(ConnError::new(
                         ErrorKind::Protocol,
@@ -239,12 +239,13 @@ impl Connection {
                     ));
                 }
                 let mut tls = handshake(plan, tcp).await?;
-                command(&mut tls, &mut reader, &plan.ehlo, "EHLO after STARTTLS", plan, is_2xx)
-                    .await?;
-                Stream::Tls(Box::new(tls))
+                let ehlo =
+                    command(&mut tls, &mut reader, &plan.ehlo, "EHLO after STARTTLS", plan, is_2xx)
+                        .await?;
+                (Stream::Tls(Box::new(tls)), Extensions::from_ehlo(&ehlo))
             }
         };
-        let pipelining = plan.pipelining && ehlo_has(reader.last_reply(), "PIPELINING");
+        let pipelining = plan.pipelining && extensions.pipelining;
         Ok(Connection { stream, reader, pipelining })
     }
 
@@ -270,7 +271,7 @@ impl Connection {
                     command(&mut self.stream, &mut self.reader, b"RSET\r\n", "RSET", plan, is_2xx)
                         .await;
                 match reset {
-                    Ok(()) => true,
+                    Ok(_) => true,
                     Err(error) => {
                         stats.record_error(error.kind, || error.detail);
                         false
@@ -303,20 +304,20 @@ impl Connection {
             write(&mut self.stream, &envelope.bytes, plan.timeout).await?;
             // Every pipelined command gets its reply, even after a rejection.
             for index in 0..=last {
-                let code = self.reply(plan).await?;
-                let expected = if index == last { code == 354 } else { is_2xx(code) };
+                let reply = self.reply(plan).await?;
+                let expected = if index == last { reply.code == 354 } else { reply.is_positive() };
                 if !expected && rejection.is_none() {
-                    rejection = Some((code, self.reader.last_reply_line()));
+                    rejection = Some((reply.code, reply.to_string()));
                 }
-                go_ahead = index == last && code == 354;
+                go_ahead = index == last && reply.code == 354;
             }
         } else {
             for (index, command) in envelope.commands().enumerate() {
                 write(&mut self.stream, command, plan.timeout).await?;
-                let code = self.reply(plan).await?;
-                let expected = if index == last { code == 354 } else { is_2xx(code) };
+                let reply = self.reply(plan).await?;
+                let expected = if index == last { reply.code == 354 } else { reply.is_positive() };
                 if !expected {
-                    rejection = Some((code, self.reader.last_reply_line()));
+                    rejection = Some((reply.code, reply.to_string()));
                     break;
                 }
                 go_ahead = index == last;
@@ -326,10 +327,10 @@ impl Connection {
             // The server waits for data even if a recipient was refused: complete the
             // transfer so the connection stays in step.
             let dot_sent = self.write_message(head.with_number(number + 1), plan).await?;
-            let code = self.reply(plan).await?;
+            let reply = self.reply(plan).await?;
             let latency = dot_sent.elapsed();
-            if !is_2xx(code) && rejection.is_none() {
-                rejection = Some((code, self.reader.last_reply_line()));
+            if !reply.is_positive() && rejection.is_none() {
+                rejection = Some((reply.code, reply.to_string()));
             }
             if rejection.is_none() {
                 return Ok(Outcome::Delivered(latency));
@@ -340,12 +341,12 @@ impl Connection {
     }
 
     /// Reads a reply; 421 (service closing) ends the connection.
-    async fn reply(&mut self, plan: &Plan) -> Result<u16, ConnError> {
-        let code = read_reply(&mut self.stream, &mut self.reader, plan.timeout).await?;
-        if code == 421 {
-            return Err(ConnError::new(ErrorKind::Reply(421), self.reader.last_reply_line()));
+    async fn reply(&mut self, plan: &Plan) -> Result<ServerReply, ConnError> {
+        let reply = read_reply(&mut self.stream, &mut self.reader, plan.timeout).await?;
+        if reply.code == 421 {
+            return Err(ConnError::new(ErrorKind::Reply(421), reply.to_string()));
         }
-        Ok(code)
+        Ok(reply)
     }
 
     /// Writes the header block, the shared body and the end-of-data line, with vectored writes
@@ -402,20 +403,21 @@ async fn handshake(plan: &Plan, tcp: TcpStream) -> Result<TlsStream<TcpStream>, 
     }
 }
 
-/// Reads the 220 greeting, then sends EHLO and expects 250.
+/// Reads the 220 greeting, then sends EHLO, expects 250 and returns what it announces.
 async fn greet_and_ehlo<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     reader: &mut ReplyReader,
     plan: &Plan,
-) -> Result<(), ConnError> {
-    let code = read_reply(stream, reader, plan.timeout).await?;
-    if code != 220 {
+) -> Result<Extensions, ConnError> {
+    let greeting = read_reply(stream, reader, plan.timeout).await?;
+    if greeting.code != 220 {
         return Err(ConnError::new(
-            ErrorKind::Reply(code),
-            format!("greeting: {}", reader.last_reply_line()),
+            ErrorKind::Reply(greeting.code),
+            format!("greeting: {greeting}"),
         ));
     }
-    command(stream, reader, &plan.ehlo, "EHLO", plan, is_2xx).await
+    let ehlo = command(stream, reader, &plan.ehlo, "EHLO", plan, is_2xx).await?;
+    Ok(Extensions::from_ehlo(&ehlo))
 }
 
 /// Sends `line` and reads the reply, which must satisfy `expected`.
@@ -426,16 +428,13 @@ async fn command<S: AsyncRead + AsyncWrite + Unpin>(
     name: &str,
     plan: &Plan,
     expected: impl Fn(u16) -> bool,
-) -> Result<(), ConnError> {
+) -> Result<ServerReply, ConnError> {
     write(stream, line, plan.timeout).await?;
-    let code = read_reply(stream, reader, plan.timeout).await?;
-    if !expected(code) {
-        return Err(ConnError::new(
-            ErrorKind::Reply(code),
-            format!("{name}: {}", reader.last_reply_line()),
-        ));
+    let reply = read_reply(stream, reader, plan.timeout).await?;
+    if !expected(reply.code) {
+        return Err(ConnError::new(ErrorKind::Reply(reply.code), format!("{name}: {reply}")));
     }
-    Ok(())
+    Ok(reply)
 }
 
 async fn write<S: AsyncWrite + Unpin>(
@@ -457,7 +456,7 @@ async fn read_reply<S: AsyncRead + Unpin>(
     stream: &mut S,
     reader: &mut ReplyReader,
     timeout: Duration,
-) -> Result<u16, ConnError> {
+) -> Result<ServerReply, ConnError> {
     match tokio::time::timeout(timeout, reader.read_reply(stream)).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(ConnError::new(ErrorKind::Timeout, format!("no reply within {timeout:?}"))),

@@ -288,19 +288,30 @@ impl DataDecoder {
     }
 }
 
-/// Adds dot-stuffing (RFC 5321 section 4.5.2) and the terminating "." line, for sending a
-/// message with DATA. `content` must use CRLF line endings; a final line without CRLF gets
-/// one.
+/// Makes message content transparent for sending with DATA (RFC 5321 section 4.5.2) and
+/// appends the terminating "." line: a "." at the start of a line is doubled, every CR or LF
+/// that is not part of a CRLF pair becomes CRLF (section 2.3.8: they "MUST NOT" be sent, and a
+/// receiver that reads them as line endings must not find an end of data we did not mean), and
+/// a last line without a line ending gets one.
 pub fn dot_stuff(content: &[u8], out: &mut Vec<u8>) {
     let mut at_line_start = true;
-    for line in content.split_inclusive(|&b| b == b'\n') {
-        if at_line_start && line.first() == Some(&b'.') {
+    let mut rest = content;
+    while let Some(&first) = rest.first() {
+        if at_line_start && first == b'.' {
             out.push(b'.');
         }
-        out.extend_from_slice(line);
-        at_line_start = line.ends_with(b"\n");
+        let Some(end) = rest.iter().position(|&b| b == b'\r' || b == b'\n') else {
+            out.extend_from_slice(rest);
+            at_line_start = false;
+            break;
+        };
+        out.extend_from_slice(&rest[..end]);
+        out.extend_from_slice(b"\r\n");
+        let crlf = rest[end] == b'\r' && rest.get(end + 1) == Some(&b'\n');
+        rest = &rest[end + if crlf { 2 } else { 1 }..];
+        at_line_start = true;
     }
-    if !content.is_empty() && !content.ends_with(b"\r\n") {
+    if !at_line_start {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");
@@ -524,5 +535,15 @@ mod tests {
         let (progress, body) = decode_all(BareLineEndings::Reject, &wire);
         assert_eq!(progress, DataProgress::End { consumed: wire.len() });
         assert_eq!(body, b".a\r\n..b\r\nc.\r\n.\r\n\r\nend\r\n");
+    }
+
+    #[test]
+    fn dot_stuff_turns_bare_line_endings_into_crlf() {
+        let mut wire = Vec::new();
+        dot_stuff(b"a\nb\rc\r\r\n.\n.\r.", &mut wire);
+        assert_eq!(wire, b"a\r\nb\r\nc\r\n\r\n..\r\n..\r\n..\r\n.\r\n");
+        let (progress, body) = decode_all(BareLineEndings::Reject, &wire);
+        assert_eq!(progress, DataProgress::End { consumed: wire.len() });
+        assert_eq!(body, b"a\r\nb\r\nc\r\n\r\n.\r\n.\r\n.\r\n");
     }
 }
