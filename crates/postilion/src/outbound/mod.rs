@@ -206,7 +206,9 @@ impl Outbound {
             Err(refusal) => {
                 warn!(queue_id = %id, host = %host, error = %refusal, "server cannot take the message");
                 let attempt = Attempt::Failed {
-                    permanent: refusal.error.is_permanent() && !refusal.try_next_host,
+                    // Final if no other host does better: a capability no host offers
+                    // will not appear by waiting.
+                    permanent: refusal.error.is_permanent(),
                     status: refusal.error.status,
                     reason: refusal.error.description.clone(),
                     remote_reply: None,

@@ -1,0 +1,399 @@
+"""Outbound delivery: the real binary relays to real SMTP peers (aiosmtpd) on 127.0.0.x,
+finding them through a real DNS server on loopback, and bounces what cannot be delivered.
+
+Every test points postilion's resolver at the test DNS server and its remote port at the
+peers' shared port, so no traffic leaves the loopback interface.
+"""
+
+import email
+import email.policy
+import smtplib
+import socket
+import threading
+import time
+
+import pytest
+
+SENDER = "alice@localhost"
+
+
+def relay(start_server, dns, port, outbound=None, delivery=None, **sections):
+    """A postilion that relays for loopback clients, resolving through `dns`."""
+    out = {"port": port, "connect_timeout": "2s", "command_timeout": "10s"}
+    out.update(outbound or {})
+    deliv = {"retry_initial": "1s", "retry_max": "1s"}
+    deliv.update(delivery or {})
+    return start_server(
+        listeners=[{"name": "smtp", "address": "127.0.0.1:0", "tls": "starttls"}],
+        relay={"networks": ["127.0.0.0/8"]},
+        dns={"nameservers": [f"127.0.0.1:{dns.address[1]}"], "cache_size": 0, "timeout": "1s", "attempts": 1},
+        outbound=out,
+        delivery=deliv,
+        **sections,
+    )
+
+
+def send(server, recipients, body=b"Subject: test\r\n\r\nHello.\r\n", sender=SENDER, **kwargs):
+    with smtplib.SMTP("127.0.0.1", server.port(), timeout=20) as client:
+        client.ehlo("client.test")
+        client.sendmail(sender, recipients, body, **kwargs)
+
+
+def original_part(delivered: bytes) -> bytes:
+    """What follows the first Received field postilion added (its own trace lines)."""
+    head, _, rest = delivered.partition(b"Received: ")
+    # The Received field runs until the first line that does not start with whitespace.
+    lines = rest.split(b"\r\n")
+    index = 1
+    while lines[index][:1] in (b" ", b"\t"):
+        index += 1
+    return b"\r\n".join(lines[index:])
+
+
+def bounces(server, mailbox="alice", count=1):
+    """The notices that arrived in a local mailbox, parsed."""
+    raw = server.wait_for_messages(mailbox, count)
+    return [email.message_from_bytes(data, policy=email.policy.default) for data in raw]
+
+
+def report_fields(notice):
+    """The per-message and per-recipient field blocks of a delivery-status part
+    (message/delivery-status, or message/global-delivery-status for RFC 6533 notices)."""
+    assert notice.get_content_type() == "multipart/report"
+    assert notice.get_param("report-type") == "delivery-status"
+    kinds = ("message/delivery-status", "message/global-delivery-status")
+    status = next(part for part in notice.walk() if part.get_content_type() in kinds)
+    # Parsed by hand from the part's bytes: email reads the global variant as one message.
+    text = status.as_bytes().decode("utf-8").replace("\r\n", "\n")
+    blocks = []
+    for chunk in text.split("\n\n")[1:]:
+        fields = {}
+        for line in chunk.strip("\n").split("\n"):
+            if not line:
+                continue
+            if line[:1] in (" ", "\t"):
+                fields[last] += " " + line.strip()
+            else:
+                last, _, value = line.partition(":")
+                fields[last] = value.strip()
+        if fields:
+            blocks.append(fields)
+    return blocks[0], blocks[1:]
+
+
+def mx(dns, domain, *hosts):
+    """MX records for `domain`: hosts are (preference, name, address)."""
+    for preference, name, address in hosts:
+        dns.add(domain, "MX", (preference, name))
+        if address:
+            dns.add(name, "AAAA" if ":" in address else "A", address)
+
+
+def test_relays_to_the_best_mx_in_one_transaction_byte_exact(start_server, dns, smtp_peers):
+    peers = smtp_peers(2)
+    mx(dns, "example.test", (20, "mx2.example.test", "127.0.0.3"), (10, "mx1.example.test", "127.0.0.2"))
+    server = relay(start_server, dns, peers.port)
+    body = b"Subject: relay\r\nFrom: alice@localhost\r\n\r\n.leading dot\r\nline two\r\n"
+    send(server, ["bob@example.test", "carol@example.test"], body)
+    [message] = peers.by_host("127.0.0.2").wait_for(1)
+    assert message.rcpt_tos == ["bob@example.test", "carol@example.test"]
+    assert message.mail_from == SENDER
+    assert message.tls, "opportunistic STARTTLS was offered and must be used"
+    assert original_part(message.data) == body
+    assert peers.by_host("127.0.0.3").messages == []
+    server.wait_until_queue_empty()
+    log = server.log()
+    assert "result=\"delivered\"" in log and "TLSv1.3" in log
+
+
+def test_backup_mx_when_the_primary_refuses_connections(start_server, dns, smtp_peers):
+    peers = smtp_peers(["127.0.0.3"])
+    # Nothing listens on 127.0.0.2 at that port: connection refused.
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"), (20, "mx2.example.test", "127.0.0.3"))
+    server = relay(start_server, dns, peers.port)
+    send(server, ["bob@example.test"])
+    peers[0].wait_for(1)
+    server.wait_until_queue_empty()
+
+
+def test_no_mx_uses_the_domains_own_address(start_server, dns, smtp_peers):
+    peers = smtp_peers(1)
+    dns.add("plain.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port)
+    send(server, ["bob@plain.test"])
+    [message] = peers[0].wait_for(1)
+    assert message.rcpt_tos == ["bob@plain.test"]
+    assert dns.queried("plain.test", "MX"), "the MX must be asked for first"
+
+
+def test_mx_through_a_cname(start_server, dns, smtp_peers):
+    peers = smtp_peers(1)
+    dns.add("alias.test", "MX", (10, "mail.alias.test"))
+    dns.add("mail.alias.test", "CNAME", "real.alias.test")
+    dns.add("real.alias.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port)
+    send(server, ["bob@alias.test"])
+    peers[0].wait_for(1)
+
+
+def test_null_mx_bounces_at_once_with_5_1_10(start_server, dns, smtp_peers):
+    dns.add("nomail.test", "MX", (0, "."))
+    server = relay(start_server, dns, 25)
+    send(server, ["bob@nomail.test"])
+    [notice] = bounces(server)
+    assert notice["From"].addresses[0].username == "MAILER-DAEMON"
+    assert notice["Auto-Submitted"] == "auto-replied"
+    message_fields, recipients = report_fields(notice)
+    assert message_fields["Reporting-MTA"] == "dns; mx.test"
+    [recipient] = recipients
+    assert recipient["Final-Recipient"] == "rfc822; bob@nomail.test"
+    assert recipient["Action"] == "failed"
+    assert recipient["Status"] == "5.1.10"
+    server.wait_until_queue_empty()
+    # The bounce came from the null sender.
+    delivered = server.messages("alice")[0]
+    assert delivered.startswith(b"Return-Path: <>\r\n")
+
+
+def test_nxdomain_bounces_and_servfail_defers(start_server, dns, smtp_peers):
+    peers = smtp_peers(1)
+    dns.servfail("flaky.test")
+    server = relay(start_server, dns, peers.port)
+    send(server, ["bob@missing.test"])
+    [notice] = bounces(server)
+    _, [recipient] = report_fields(notice)
+    assert recipient["Status"] == "5.1.2"
+    send(server, ["bob@flaky.test"])
+    time.sleep(2.5)
+    assert server.queued() == 1, "a SERVFAIL must defer, not bounce"
+    assert "deferred" in server.log()
+    dns.servfail("flaky.test", False)
+    dns.add("flaky.test", "A", "127.0.0.2")
+    peers[0].wait_for(1)
+    server.wait_until_queue_empty()
+    assert len(server.messages("alice")) == 1, "no second bounce"
+
+
+def test_temporary_failure_is_retried_until_accepted(start_server, dns, smtp_peers):
+    peers = smtp_peers(1)
+    peers[0].temp_fail(count=2, at="rcpt")
+    dns.add("example.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port)
+    send(server, ["bob@example.test"])
+    peers[0].wait_for(1, timeout=30)
+    server.wait_until_queue_empty()
+    assert len(peers[0].transactions) == 3
+    assert server.messages("alice") == [], "no bounce for a message that got through"
+
+
+def test_permanent_rejection_bounces_with_the_remote_diagnostic(start_server, dns, smtp_peers):
+    peers = smtp_peers(1)
+    peers[0].reject_recipient("nobody@example.test")
+    dns.add("example.test", "MX", (10, "mx1.example.test"))
+    dns.add("mx1.example.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port)
+    body = b"Subject: half\r\nMessage-ID: <half@client.test>\r\n\r\nbody\r\n"
+    send(server, ["bob@example.test", "nobody@example.test"], body)
+    [message] = peers[0].wait_for(1)
+    assert message.rcpt_tos == ["bob@example.test"]
+    [notice] = bounces(server)
+    _, [recipient] = report_fields(notice)
+    assert recipient["Final-Recipient"] == "rfc822; nobody@example.test"
+    assert recipient["Status"] == "5.1.1"
+    assert recipient["Remote-MTA"] == "dns; mx1.example.test"
+    assert recipient["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
+    returned = next(part for part in notice.walk() if part.get_content_type() == "message/rfc822")
+    assert returned.get_payload()[0]["Message-ID"] == "<half@client.test>"
+    server.wait_until_queue_empty()
+
+
+def test_connection_dropped_in_data_is_retried(start_server, dns, smtp_peers):
+    peers = smtp_peers(1)
+    peers[0].drop_during_data(count=1)
+    dns.add("example.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port)
+    send(server, ["bob@example.test"])
+    peers[0].wait_for(1, timeout=30)
+    server.wait_until_queue_empty()
+    assert any(t.dropped for t in peers[0].transactions)
+    assert server.messages("alice") == []
+
+
+def test_peer_without_esmtp_gets_helo_and_no_parameters(start_server, dns, smtp_peers):
+    peers = smtp_peers(1, esmtp=False, starttls=False)
+    dns.add("old.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port)
+    send(server, ["bob@old.test"])
+    [message] = peers[0].wait_for(1)
+    assert not message.esmtp
+    assert message.mail_options == []
+    assert not message.tls
+
+
+def test_tls_policies(start_server, dns, smtp_peers, tls_ca):
+    plain = smtp_peers(["127.0.0.2"], starttls=False)
+    verified = smtp_peers(["127.0.0.3"], port=plain.port, hostnames=["mx.secure.test"], certificate=tls_ca)
+    self_signed = smtp_peers(["127.0.0.4"], port=plain.port, hostnames=["mx.selfsigned.test"])
+    dns.add("plain.test", "A", "127.0.0.2")
+    dns.add("secure.test", "MX", (10, "mx.secure.test"))
+    dns.add("mx.secure.test", "A", "127.0.0.3")
+    dns.add("selfsigned.test", "MX", (10, "mx.selfsigned.test"))
+    dns.add("mx.selfsigned.test", "A", "127.0.0.4")
+    routes = {
+        "plain.test": {"host": "plain.test", "tls": "require"},
+        "secure.test": {"host": "secure.test", "mx": True, "tls": "verify"},
+        "selfsigned.test": {"host": "selfsigned.test", "mx": True, "tls": "verify"},
+    }
+    server = relay(start_server, dns, plain.port, outbound={"ca_file": str(tls_ca.ca_file), "routes": routes})
+    send(server, ["bob@plain.test", "bob@secure.test", "bob@selfsigned.test"])
+    [message] = verified[0].wait_for(1)
+    assert message.tls
+    time.sleep(2.5)
+    assert plain[0].messages == [], "TLS required: no plaintext delivery"
+    assert self_signed[0].messages == [], "verify: an untrusted certificate is refused"
+    assert server.queued() == 1, "both are deferred, not bounced"
+    log = server.log()
+    assert "4.7.4" in log
+    # Opportunistic (the default) delivers to the plaintext peer.
+    other = relay(start_server, dns, plain.port)
+    send(other, ["carol@plain.test"])
+    [message] = plain[0].wait_for(1)
+    assert not message.tls
+
+
+def test_what_a_peer_cannot_take_bounces_instead_of_being_changed(start_server, dns, smtp_peers):
+    peers = smtp_peers(1, smtputf8=False, eightbitmime=False, starttls=False)
+    dns.add("old.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port)
+    # 8-bit content to a peer without 8BITMIME: 5.6.3.
+    send(server, ["bob@old.test"], "Subject: caf\u00e9\r\n\r\ncaf\u00e9\r\n".encode(), mail_options=["BODY=8BITMIME"])
+    # Declared 8BITMIME but 7-bit after all: sent as is, without BODY=.
+    send(server, ["carol@old.test"], b"Subject: plain\r\n\r\nplain\r\n", mail_options=["BODY=8BITMIME"])
+    [message] = peers[0].wait_for(1)
+    assert message.rcpt_tos == ["carol@old.test"]
+    assert message.mail_param("BODY") is None
+    [notice] = bounces(server)
+    _, [recipient] = report_fields(notice)
+    assert recipient["Status"] == "5.6.3"
+    # SMTPUTF8 to a peer without it: 5.6.7.
+    with smtplib.SMTP("127.0.0.1", server.port(), timeout=20) as client:
+        client.ehlo("client.test")
+        client.sendmail(SENDER, ["d\u00e9lia@old.test"], "Subject: x\r\n\r\nx\r\n".encode(), mail_options=["SMTPUTF8"])
+    notices = bounces(server, count=2)
+    _, [recipient] = report_fields(notices[1])
+    assert recipient["Status"] == "5.6.7"
+    assert recipient["Final-Recipient"] == "utf-8; d\u00e9lia@old.test"
+
+
+def test_a_host_that_cannot_take_the_size_is_skipped(start_server, dns, smtp_peers):
+    peers = smtp_peers(2)
+    peers.by_host("127.0.0.2").size_limit = 1000
+    mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"), (20, "mx2.example.test", "127.0.0.3"))
+    server = relay(start_server, dns, peers.port)
+    send(server, ["bob@example.test"], b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 40)
+    [message] = peers.by_host("127.0.0.3").wait_for(1)
+    assert int(message.mail_param("SIZE")) > 1000
+
+
+def test_connections_are_reused_for_the_next_message(start_server, dns, smtp_peers):
+    peers = smtp_peers(1)
+    dns.add("example.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port, outbound={"idle_timeout": "10s"})
+    for n in range(3):
+        send(server, [f"user{n}@example.test"])
+        peers[0].wait_for(n + 1)
+    assert peers[0].connections == 1
+    assert len(peers[0].greetings) == 2, "one EHLO before and one after STARTTLS"
+
+
+def test_dsn_parameters_go_to_a_peer_with_dsn(start_server, dns, smtp_peers):
+    peers = smtp_peers(1, dsn=True)
+    dns.add("example.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port)
+    send(
+        server,
+        ["bob@example.test"],
+        mail_options=["RET=HDRS", "ENVID=env+2Did"],
+        rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@example.test"],
+    )
+    [message] = peers[0].wait_for(1)
+    assert message.mail_param("RET") == "HDRS"
+    # xtext: "+2D" is "-"; the decoded value needs no escaping on the way out.
+    assert message.mail_param("ENVID") == "env-id"
+    assert message.rcpt_param("bob@example.test", "NOTIFY") == "SUCCESS,FAILURE"
+    assert message.rcpt_param("bob@example.test", "ORCPT") == "rfc822;bob@example.test"
+    server.wait_until_queue_empty()
+    time.sleep(0.5)
+    assert server.messages("alice") == [], "the peer took over notifications"
+
+
+def test_notify_success_to_a_peer_without_dsn_gets_a_relayed_notice(start_server, dns, smtp_peers):
+    peers = smtp_peers(1)
+    dns.add("example.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port)
+    send(server, ["bob@example.test"], rcpt_options=["NOTIFY=SUCCESS"], mail_options=["ENVID=abc"])
+    [message] = peers[0].wait_for(1)
+    assert message.mail_options == [o for o in message.mail_options if not o.startswith(("RET", "ENVID"))]
+    [notice] = bounces(server)
+    message_fields, [recipient] = report_fields(notice)
+    assert message_fields["Original-Envelope-Id"] == "abc"
+    assert recipient["Action"] == "relayed"
+    assert recipient["Status"].startswith("2.")
+
+
+def test_bounce_to_a_remote_sender_uses_the_null_reverse_path(start_server, dns, smtp_peers):
+    peers = smtp_peers(1)
+    dns.add("sender.test", "A", "127.0.0.2")
+    dns.add("nomail.test", "MX", (0, "."))
+    server = relay(start_server, dns, peers.port)
+    send(server, ["bob@nomail.test"], sender="someone@sender.test")
+    [notice] = peers[0].wait_for(1)
+    assert notice.mail_from == ""
+    assert notice.rcpt_tos == ["someone@sender.test"]
+    assert notice.rcpt_param("someone@sender.test", "NOTIFY") in (None, "NEVER")
+
+
+def test_a_bounce_that_cannot_be_delivered_makes_no_further_bounce(start_server, dns, smtp_peers):
+    dns.add("nomail.test", "MX", (0, "."))
+    server = relay(start_server, dns, 25)
+    send(server, ["bob@nomail.test"], sender="someone@nomail.test")
+    deadline = time.time() + 10
+    while time.time() < deadline and server.queued():
+        time.sleep(0.1)
+    assert server.queued() == 0
+    assert server.log().count("delivery status notification queued") == 1
+
+
+def test_silent_server_times_out_and_the_next_host_is_used(start_server, dns, smtp_peers):
+    peers = smtp_peers(["127.0.0.3"])
+    silent = socket.socket()
+    silent.bind(("127.0.0.2", peers.port))
+    silent.listen(8)
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()), daemon=True).start()
+    try:
+        mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"), (20, "mx2.example.test", "127.0.0.3"))
+        server = relay(start_server, dns, peers.port, outbound={"greeting_timeout": "1s"})
+        send(server, ["bob@example.test"])
+        peers[0].wait_for(1)
+        assert accepted, "the silent host was tried first"
+        assert "no reply from mx1.example.test" in server.log()
+    finally:
+        silent.close()
+
+
+def test_deferred_mail_survives_a_restart(start_server, dns, smtp_peers):
+    peers = smtp_peers(1)
+    peers[0].temp_fail(count=None, at="rcpt")
+    dns.add("example.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port, delivery={"retry_initial": "2s", "retry_max": "2s"})
+    send(server, ["bob@example.test"])
+    deadline = time.time() + 10
+    while not peers[0].transactions and time.time() < deadline:
+        time.sleep(0.05)
+    assert peers[0].transactions, "the first attempt reached the peer"
+    server.kill9()
+    peers[0].accept_all()
+    server.start()
+    peers[0].wait_for(1, timeout=30)
+    server.wait_until_queue_empty()
