@@ -8,6 +8,7 @@ mod outbound;
 mod router;
 mod server;
 mod tls;
+mod users;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,6 +47,17 @@ enum Commands {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Manages the accounts that may authenticate (kept in <data_dir>/accounts.db).
+    User {
+        #[command(subcommand)]
+        command: users::UserCommand,
+        /// The configuration file whose data_dir to use.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        /// The data directory; overrides the configuration's.
+        #[arg(long, global = true)]
+        data: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +75,14 @@ fn main() -> anyhow::Result<()> {
             Config::load(&config)?;
             println!("{}: ok", config.display());
             Ok(())
+        }
+        Commands::User { command, config, data } => {
+            let data_dir = match (data, config) {
+                (Some(data), _) => data,
+                (None, Some(path)) => Config::load(&path)?.data_dir,
+                (None, None) => Config::default().data_dir,
+            };
+            users::run(command, &data_dir)
         }
         Commands::Serve { config, data } => {
             let mut config = match config {
@@ -181,7 +201,7 @@ async fn wait_for_signal() {
 }
 
 /// Creates a directory only the server's user can read (0700).
-fn create_private_dir(path: &std::path::Path) -> anyhow::Result<()> {
+pub(crate) fn create_private_dir(path: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
