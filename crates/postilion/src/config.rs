@@ -27,6 +27,7 @@ pub struct Config {
     pub relay: RelayConfig,
     pub dns: DnsConfig,
     pub outbound: OutboundConfig,
+    pub abuse: AbuseLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -37,12 +38,57 @@ pub struct ListenerConfig {
     pub name: String,
     /// `ip:port`; port 0 picks a free port (printed at start-up).
     pub address: SocketAddr,
-    /// `none`, `starttls` (default) or `implicit` (RFC 8314).
+    /// `mta` (default: port 25 semantics), `submission` (port 587, RFC 6409: AUTH required
+    /// before MAIL) or `submissions` (port 465, RFC 8314: implicit TLS, AUTH required).
     #[serde(default)]
-    pub tls: TlsMode,
+    pub role: Role,
+    /// `none`, `starttls` or `implicit` (RFC 8314). Default: `implicit` for the
+    /// `submissions` role, `starttls` otherwise; see [`ListenerConfig::tls`].
+    #[serde(default, rename = "tls")]
+    pub tls_mode: Option<TlsMode>,
+    /// Whether AUTH is offered. Default: on `submission` and `submissions`, off on `mta`.
+    #[serde(default)]
+    pub auth: Option<bool>,
     /// `reject` (default) or `normalize` bare CR/LF in DATA.
     #[serde(default)]
     pub bare_line_endings: BareLineEndingsConfig,
+}
+
+impl ListenerConfig {
+    pub fn tls(&self) -> TlsMode {
+        self.tls_mode.unwrap_or(match self.role {
+            Role::Submissions => TlsMode::Implicit,
+            Role::Mta | Role::Submission => TlsMode::Starttls,
+        })
+    }
+
+    pub fn offers_auth(&self) -> bool {
+        self.auth.unwrap_or(self.role != Role::Mta)
+    }
+
+    /// Submission listeners take mail only from authenticated users (RFC 6409 section 4.3).
+    pub fn requires_auth(&self) -> bool {
+        self.role != Role::Mta
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    #[default]
+    Mta,
+    Submission,
+    Submissions,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Mta => "mta",
+            Role::Submission => "submission",
+            Role::Submissions => "submissions",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -244,6 +290,47 @@ impl Default for DeliveryConfig {
             bounce_size_limit: dsn::DEFAULT_RETURN_SIZE_LIMIT as u64,
             delay_warning: Some(Duration::from_secs(4 * 3600)),
             delay_warning_by_default: false,
+        }
+    }
+}
+
+/// Limits against abuse, counted over all sessions (see `limits.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AbuseLimits {
+    /// Failed logins (per client address, and per account) answered without delay. Default 3.
+    pub auth_free_failures: usize,
+    /// Failed logins from one address within the window that get it banned. Default 10.
+    pub auth_failures_before_ban: usize,
+    /// How long failed logins are remembered. Default 15m.
+    #[serde(deserialize_with = "de_duration")]
+    pub auth_failure_window: Duration,
+    /// The longest delay before answering a failed login (the delay doubles from 1s).
+    /// Default 16s.
+    #[serde(deserialize_with = "de_duration")]
+    pub auth_max_delay: Duration,
+    /// How long a banned address gets 421 at connect. Default 10m.
+    #[serde(deserialize_with = "de_duration")]
+    pub auth_ban: Duration,
+    /// New connections per minute from one address; 0 = no limit (default).
+    pub connection_rate: usize,
+    /// Messages per hour from one authenticated account; 0 = no limit (default).
+    pub messages_per_hour: usize,
+    /// Recipients per hour from one authenticated account; 0 = no limit (default).
+    pub recipients_per_hour: usize,
+}
+
+impl Default for AbuseLimits {
+    fn default() -> Self {
+        AbuseLimits {
+            auth_free_failures: 3,
+            auth_failures_before_ban: 10,
+            auth_failure_window: Duration::from_secs(900),
+            auth_max_delay: Duration::from_secs(16),
+            auth_ban: Duration::from_secs(600),
+            connection_rate: 0,
+            messages_per_hour: 0,
+            recipients_per_hour: 0,
         }
     }
 }
@@ -470,7 +557,9 @@ impl Default for Config {
             listeners: vec![ListenerConfig {
                 name: default_listener_name(),
                 address: SocketAddr::from(([127, 0, 0, 1], 2525)),
-                tls: TlsMode::Starttls,
+                role: Role::Mta,
+                tls_mode: None,
+                auth: None,
                 bare_line_endings: BareLineEndingsConfig::Reject,
             }],
             tls: TlsConfig::default(),
@@ -482,6 +571,7 @@ impl Default for Config {
             relay: RelayConfig::default(),
             dns: DnsConfig::default(),
             outbound: OutboundConfig::default(),
+            abuse: AbuseLimits::default(),
         }
     }
 }
@@ -506,6 +596,22 @@ impl Config {
         }
         if self.listeners.is_empty() {
             bail!("at least one [[listeners]] entry is needed");
+        }
+        for listener in &self.listeners {
+            if listener.role == Role::Submissions && listener.tls() != TlsMode::Implicit {
+                bail!(
+                    "listener {}: the submissions role is implicit TLS (RFC 8314); \
+                     use tls = \"implicit\" or role = \"submission\"",
+                    listener.name
+                );
+            }
+            if listener.requires_auth() && !listener.offers_auth() {
+                bail!(
+                    "listener {}: a {} listener needs auth",
+                    listener.name,
+                    listener.role.as_str()
+                );
+            }
         }
         let limits = &self.limits;
         if limits.command_line < 512 {
@@ -540,6 +646,9 @@ impl Config {
             bail!(
                 "outbound.concurrency, destination_concurrency and max_recipients must be positive"
             );
+        }
+        if self.abuse.auth_failures_before_ban == 0 {
+            bail!("abuse.auth_failures_before_ban must be positive");
         }
         if self.dns.attempts == 0 {
             bail!("dns.attempts must be positive");
@@ -692,7 +801,7 @@ mod tests {
         "#;
         let config: Config = toml::from_str(text).unwrap();
         config.check().unwrap();
-        assert_eq!(config.listeners[1].tls, TlsMode::Implicit);
+        assert_eq!(config.listeners[1].tls(), TlsMode::Implicit);
         assert_eq!(config.limits.message_size, 50 << 20);
         assert_eq!(config.limits.errors, 20, "unset keys keep their defaults");
         assert_eq!(config.timeouts.data, Duration::from_secs(120));

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use smtp_proto::EnhancedStatus;
 use smtp_proto::reply::{self, Reply};
 use smtp_proto::{Event, ServerSession};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -27,9 +28,11 @@ enum Ended {
 }
 
 /// Tells an over-limit client to come back later (RFC 5321 section 3.8: 421 before closing).
-pub async fn refuse(mut stream: TcpStream, peer: SocketAddr) {
-    warn!(client = %peer.ip(), "connection refused: too many connections");
-    let wire = reply::TOO_MANY_CONNECTIONS.to_bytes();
+pub async fn refuse(mut stream: TcpStream, peer: SocketAddr, why: &'static str) {
+    warn!(client = %peer.ip(), reason = why, "connection refused");
+    let wire = Reply::owned(421, EnhancedStatus(4, 7, 0), format!("{why}, try again later"))
+        .and_close()
+        .to_bytes();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&wire)).await;
 }
 

@@ -3,6 +3,7 @@
 mod config;
 mod conn;
 mod delivery;
+mod limits;
 mod notify;
 mod outbound;
 mod router;
@@ -109,7 +110,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             format!("opening the spool in {}", data_dir.join("spool").display())
         })?);
     let router = Arc::new(router::Router::new(&config.local)?);
-    let needs_tls = config.listeners.iter().any(|l| l.tls != config::TlsMode::None);
+    let needs_tls = config.listeners.iter().any(|l| l.tls() != config::TlsMode::None);
     let tls = match needs_tls {
         true => Some(tls::server_config(
             config.tls.certificate.as_deref(),
@@ -164,6 +165,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             config.limits.connections_per_ip,
         ),
         router: router.clone(),
+        abuse: limits::Limiter::new(config.abuse.clone()),
         config,
         spool: spool.clone(),
         delivery: delivery_queue,

@@ -28,6 +28,8 @@ pub struct Server {
     pub spool: Arc<dyn QueueStore>,
     pub delivery: DeliveryQueue,
     pub limiter: ConnectionLimiter,
+    /// Login failures, bans and rates, shared by all sessions.
+    pub abuse: crate::limits::Limiter,
     /// Becomes true when the server is shutting down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -276,7 +278,7 @@ pub async fn bind_listeners(
         let socket = TcpListener::bind(listener.address).await.with_context(|| {
             format!("binding listener {} to {}", listener.name, listener.address)
         })?;
-        let acceptor = match listener.tls {
+        let acceptor = match listener.tls() {
             TlsMode::None => None,
             TlsMode::Starttls | TlsMode::Implicit => {
                 Some(TlsAcceptor::from(tls.clone().context("TLS is needed but not configured")?))
@@ -295,13 +297,13 @@ pub async fn bind_listeners(
             max_errors: config.limits.errors,
             max_received_headers: config.limits.received_headers,
             bare_line_endings: listener.bare_line_endings.into(),
-            starttls: listener.tls == TlsMode::Starttls,
+            starttls: listener.tls() == TlsMode::Starttls,
         };
         let local = socket.local_addr().context("reading the bound address")?;
-        println!("listening on {local} ({}, {})", listener.name, listener.tls.as_str());
+        println!("listening on {local} ({}, {})", listener.name, listener.tls().as_str());
         listeners.push(Arc::new(Listener {
             name: listener.name.clone(),
-            mode: listener.tls,
+            mode: listener.tls(),
             session_config: Arc::new(session_config),
             tls: acceptor,
             socket,
@@ -344,15 +346,17 @@ async fn accept_loop(
             },
             _ = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => return,
         };
+        let admitted = server.abuse.admit_connection(peer.ip(), std::time::Instant::now());
         let permit = ConnectionPermit::acquire(&server, peer.ip());
         let server = server.clone();
         let listener = listener.clone();
         let done = sessions_done.clone();
         tokio::spawn(async move {
             let _done = done;
-            match permit {
-                Some(permit) => conn::serve(server, listener, stream, peer, permit).await,
-                None => conn::refuse(stream, peer).await,
+            match (admitted, permit) {
+                (Err(why), _) => conn::refuse(stream, peer, why).await,
+                (Ok(()), Some(permit)) => conn::serve(server, listener, stream, peer, permit).await,
+                (Ok(()), None) => conn::refuse(stream, peer, "Too many connections").await,
             }
         });
     }
