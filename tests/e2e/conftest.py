@@ -258,3 +258,108 @@ class RawClient:
             self.sock.close()
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers for outbound delivery and interoperability tests: a DNS server, receiving SMTP servers
+# and private Postfix instances (peers.py, postfix.py). Each is stopped when the test ends;
+# what it saw is printed at teardown, which pytest shows when the test failed.
+
+
+@pytest.fixture
+def dns():
+    """A DNS server on 127.0.0.1:<free port>, UDP and TCP, serving a zone the test edits:
+
+    dns.add("example.test", "MX", (10, "mx1.example.test")); dns.add("mx1.example.test", "A",
+    "127.0.0.2"); dns.servfail(name); dns.timeout(name); dns.address -> ("127.0.0.1", port);
+    dns.queried("example.test", "MX") -> the queries received for it.
+    """
+    from peers import DnsServer
+
+    server = DnsServer().start()
+    yield server
+    server.stop()
+    print(server.describe())
+
+
+@pytest.fixture
+def tls_ca(tmp_path):
+    """A test certificate authority: tls_ca.issue("mx1.example.test") -> CertFiles;
+    tls_ca.ca_file is the PEM file a client trusts."""
+    from peers import CertAuthority
+
+    return CertAuthority(tmp_path / "ca")
+
+
+@pytest.fixture
+def smtp_peers(tmp_path):
+    """Starts receiving SMTP servers that share one port on several loopback addresses.
+
+    smtp_peers(2) -> PeerGroup of SmtpPeer on 127.0.0.2 and 127.0.0.3, same .port
+    smtp_peers(["127.0.0.5"], port=group.port, starttls=False, esmtp=False)
+    hostnames=[...] names the peers (EHLO, certificates); certificate= a CertFiles for all, a
+    CertAuthority (each peer gets a certificate for its hostname), or None (self-signed).
+    Other keywords are SmtpPeer settings.
+    """
+    from peers import PeerGroup, SmtpPeer, listen_on, reserve_port
+
+    started = []
+
+    def start(hosts=2, *, port=None, hostnames=None, certificate=None, **options):
+        if isinstance(hosts, int):
+            hosts = [f"127.0.0.{2 + i}" for i in range(hosts)]
+        hosts = list(hosts)
+        if port is None:
+            port, sockets = reserve_port(hosts)
+        else:
+            sockets = []
+            try:
+                for host in hosts:
+                    sockets.append(listen_on(host, port))
+            except OSError:
+                for sock in sockets:
+                    sock.close()
+                raise
+        group = PeerGroup()
+        for index, (host, sock) in enumerate(zip(hosts, sockets)):
+            hostname = hostnames[index] if hostnames else None
+            directory = tmp_path / f"peer-{host}-{port}"
+            peer = SmtpPeer(host, sock=sock, hostname=hostname, certificate=certificate, directory=directory, **options)
+            started.append(peer)
+            group.append(peer.start())
+        return group
+
+    yield start
+    for peer in started:
+        try:
+            peer.stop()
+        finally:
+            print(peer.describe())
+
+
+@pytest.fixture
+def start_postfix(tmp_path):
+    """Returns a function that starts a private Postfix instance (postfix.Postfix keywords):
+
+    start_postfix(relayhost=("127.0.0.1", port), smtp_tls_security_level="encrypt")
+    start_postfix(virtual_domains=["example.test"], smtpd_tls=tls_ca, host="127.0.0.9", port=p)
+    Every instance is stopped at teardown. Skips the test without root or Postfix.
+    """
+    import postfix
+
+    reason = postfix.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    instances = []
+
+    def start(**options):
+        instance = postfix.Postfix(tmp_path / f"postfix{len(instances)}", **options)
+        instances.append(instance)
+        return instance.start()
+
+    yield start
+    for instance in instances:
+        try:
+            instance.stop()
+        finally:
+            print(instance.describe())
