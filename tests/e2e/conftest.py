@@ -174,6 +174,9 @@ def start_server(tmp_path):
         data = Path(data_dir) if data_dir else tmp_path / f"data{len(servers)}"
         config_path = tmp_path / f"config{len(servers)}.toml"
         sections.setdefault("spool", {}).setdefault("free_space_reserve", 0)
+        # Never the machine's resolver: a test that relays names its DNS server; any other
+        # lookup goes to a closed port on loopback and fails at once.
+        sections.setdefault("dns", {}).setdefault("nameservers", ["127.0.0.1:9"])
         config_path.write_text(render_config(data, listeners or DEFAULT_LISTENERS, sections))
         server = Server(data, config_path)
         servers.append(server)

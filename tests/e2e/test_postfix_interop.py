@@ -200,6 +200,55 @@ def test_multiple_recipients_in_one_transaction(server, start_postfix):
 
 
 # ---------------------------------------------------------------------------------------------
+# Postilion relays to Postfix.
+
+
+def test_postilion_relays_to_postfix_found_by_mx_with_verified_starttls(start_server, start_postfix, dns, tls_ca):
+    """Postilion finds Postfix as the MX of example.test through the test DNS server, checks
+    its certificate against the test CA (tls = "verify") and relays two recipients in one
+    transaction; Postfix stores the message unchanged after the trace fields."""
+    from peers import reserve_port
+
+    port, sockets = reserve_port(["127.0.0.27"])
+    for sock in sockets:
+        sock.close()
+    postfix = start_postfix(
+        host="127.0.0.27", port=port, virtual_domains=["example.test"], smtpd_tls=tls_ca, myhostname="mx.example.test"
+    )
+    dns.add("example.test", "MX", (10, "mx.example.test"))
+    dns.add("mx.example.test", "A", "127.0.0.27")
+    server = start_server(
+        listeners=[{"name": "smtp", "address": "127.0.0.1:0", "tls": "starttls"}],
+        relay={"networks": ["127.0.0.0/8"]},
+        dns={"nameservers": [f"127.0.0.1:{dns.address[1]}"], "cache_size": 0},
+        outbound={"port": postfix.port, "tls": "verify", "ca_file": str(tls_ca.ca_file)},
+    )
+    original = (
+        "From: alice@localhost\r\nTo: bob@example.test\r\nSubject: caf\u00e9 via Postilion\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+        "\r\n.leading dot\r\nna\u00efve 8-bit line\r\n"
+    ).encode()
+    with smtplib.SMTP("127.0.0.1", server.port(), local_hostname="client.test", timeout=30) as client:
+        refused = client.sendmail("alice@localhost", ["alice@example.test", "bob@example.test"], original, ["BODY=8BITMIME"])
+    assert refused == {}
+    [delivered] = postfix.wait_for_maildir(1, user="bob")
+    assert len(postfix.wait_for_maildir(1, user="alice")) == 1
+    assert delivered.endswith(original.replace(b"\r\n", b"\n")), "byte-exact after the trace fields"
+    head = delivered[: len(delivered) - len(original.replace(b"\r\n", b"\n"))].decode()
+    assert head.startswith("Return-Path: <alice@localhost>\n")
+    # Postfix's Received names postilion's EHLO and TLS; postilion's own follows it.
+    assert "Received: from mx.test" in head and "(using TLSv1." in head
+    assert "by mx.test" in head
+    log = postfix.log()
+    assert re.search(r"TLS connection established from unknown\[127\.0\.0\.1\]: TLSv1\.[23]", log)
+    # One connection, one transaction, both recipients.
+    assert len(re.findall(r"connect from unknown\[127\.0\.0\.1\]", log)) == 1
+    server.wait_until_queue_empty()
+    relayed = server.log()
+    assert relayed.count('result="delivered"') == 2 and "TLSv1." in relayed
+
+
+# ---------------------------------------------------------------------------------------------
 # The fixtures themselves.
 
 
