@@ -170,6 +170,11 @@ impl Driver<'_> {
                         flush(stream, session).await?;
                         return Ok(Ended::Closed("closed by protocol"));
                     }
+                    // No listener configures AUTH mechanisms yet, so these do not happen.
+                    Event::Auth | Event::AuthResponse => {
+                        session.auth_failure(reply::AUTH_UNAVAILABLE);
+                    }
+                    Event::AuthAborted => {}
                 }
             }
             buf.clear();

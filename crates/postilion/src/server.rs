@@ -298,6 +298,7 @@ pub async fn bind_listeners(
             max_received_headers: config.limits.received_headers,
             bare_line_endings: listener.bare_line_endings.into(),
             starttls: listener.tls() == TlsMode::Starttls,
+            ..SessionConfig::default()
         };
         let local = socket.local_addr().context("reading the bound address")?;
         println!("listening on {local} ({}, {})", listener.name, listener.tls().as_str());

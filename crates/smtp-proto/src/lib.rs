@@ -4,6 +4,7 @@
 //! out. The server and the delivery agent drive it with sockets; tests drive it with byte
 //! slices.
 
+pub mod base64;
 pub mod client;
 pub mod codec;
 pub mod parse;
@@ -20,5 +21,8 @@ pub use client::{
 };
 pub use parse::parse_command;
 pub use reply::{EnhancedStatus, Reply};
-pub use session::{Event, ServerSession, SessionConfig, Transaction};
+pub use session::{
+    AuthRequest, AuthWithoutTls, Event, ServerSession, SessionConfig, Transaction,
+    is_plaintext_mechanism,
+};
 pub use types::*;

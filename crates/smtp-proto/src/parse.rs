@@ -1,13 +1,16 @@
 //! Command line parser: RFC 5321 section 4.1 syntax, with the ESMTP parameters of RFC 1870
-//! (SIZE), RFC 6152 and RFC 3030 (BODY), RFC 6531 (SMTPUTF8, UTF-8 addresses) and RFC 3461
-//! (RET, ENVID, NOTIFY, ORCPT).
+//! (SIZE), RFC 6152 and RFC 3030 (BODY), RFC 6531 (SMTPUTF8, UTF-8 addresses), RFC 3461
+//! (RET, ENVID, NOTIFY, ORCPT) and RFC 4954 (AUTH), and the AUTH command of RFC 4954.
 //!
 //! The parser works on the octets of one line, walking them with a [`Cursor`]. Functions are
 //! named after the ABNF rules they recognise. Nothing is allocated until a value is known to be
 //! valid, and then only the strings the returned [`Command`] owns.
 //!
 //! The parser is deliberately indifferent to session state: it accepts UTF-8 addresses and
-//! every parameter it knows, and the session decides whether SMTPUTF8, DSN or EHLO permit them.
+//! every parameter it knows, and the session decides whether SMTPUTF8, DSN, AUTH or EHLO permit
+//! them. For the same reason the AUTH initial response is left encoded: whether it is decoded
+//! at all depends on checks that come first (RFC 4954 section 4 has a 503 for AUTH in a
+//! transaction, whatever follows it).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -23,6 +26,7 @@ const RCPT_SYNTAX: &str = "RCPT TO:<address> [parameters]";
 const BDAT_SYNTAX: &str = "BDAT chunk-size [LAST]";
 const VRFY_SYNTAX: &str = "VRFY string";
 const EXPN_SYNTAX: &str = "EXPN string";
+const AUTH_SYNTAX: &str = "AUTH mechanism [initial-response]";
 
 /// Longest ENVID accepted, in characters after xtext decoding (RFC 3461 sections 4.4 and 5.4).
 const ENVID_MAX: usize = 100;
@@ -44,9 +48,10 @@ enum Verb {
     Expn,
     Help,
     StartTls,
+    Auth,
 }
 
-const VERBS: [(&str, Verb); 13] = [
+const VERBS: [(&str, Verb); 14] = [
     ("EHLO", Verb::Ehlo),
     ("HELO", Verb::Helo),
     ("MAIL", Verb::Mail),
@@ -60,6 +65,7 @@ const VERBS: [(&str, Verb); 13] = [
     ("EXPN", Verb::Expn),
     ("HELP", Verb::Help),
     ("STARTTLS", Verb::StartTls),
+    ("AUTH", Verb::Auth),
 ];
 
 /// Parses one command line. `line` excludes the terminating CRLF.
@@ -92,6 +98,7 @@ pub fn parse_command(line: &[u8], limits: &AddressLimits) -> Result<Command, Com
         Verb::Expn => string_argument(argument, EXPN_SYNTAX).map(Command::Expn),
         Verb::Help => Ok(Command::Help(optional_string(argument).map(str::to_owned))),
         Verb::Bdat => bdat(argument),
+        Verb::Auth => auth(argument),
     }
 }
 
@@ -177,6 +184,32 @@ fn bdat(argument: Option<&str>) -> Result<Command, CommandError> {
     Ok(Command::Bdat { size, last })
 }
 
+/// `auth-command = "AUTH" SP sasl-mech [SP initial-response]` (RFC 4954 section 8), with
+/// `initial-response = base64 / "="`. The mechanism is upper-cased; the initial response is
+/// kept as sent, for the session to decode.
+fn auth(argument: Option<&str>) -> Result<Command, CommandError> {
+    let mut words = words(argument);
+    let (Some(mechanism), initial_response, None) = (words.next(), words.next(), words.next())
+    else {
+        return Err(CommandError::Syntax(AUTH_SYNTAX));
+    };
+    if !is_mechanism_name(mechanism) {
+        return Err(CommandError::Syntax(AUTH_SYNTAX));
+    }
+    Ok(Command::Auth {
+        mechanism: mechanism.to_ascii_uppercase(),
+        initial_response: initial_response.map(str::to_owned),
+    })
+}
+
+/// `sasl-mech = 1*20mech-char`, `mech-char = UPPER-ALPHA / DIGIT / HYPHEN / UNDERSCORE` (RFC
+/// 4422 section 3.1), in either case: RFC 4954 section 8 makes SMTP's use of it
+/// case-insensitive. Also for checking configured mechanism names.
+pub fn is_mechanism_name(text: &str) -> bool {
+    (1..=20).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// `1*DIGIT` as a `u64`; `None` when empty, not all digits, or too large.
 fn digits(text: &str) -> Option<u64> {
     if text.is_empty() {
@@ -213,6 +246,7 @@ fn mail(argument: Option<&str>, limits: &AddressLimits) -> Result<MailFrom, Comm
         smtputf8: false,
         ret: None,
         envid: None,
+        auth: None,
         has_parameters: false,
     };
     for param in parameters(cursor.rest(), MAIL_SYNTAX)? {
@@ -237,6 +271,8 @@ fn mail(argument: Option<&str>, limits: &AddressLimits) -> Result<MailFrom, Comm
         } else if keyword.eq_ignore_ascii_case("ENVID") {
             // RFC 3461 section 4.5: ENVID MUST NOT appear more than once.
             set_once(&mut mail.envid, keyword, || envid_value(value))?;
+        } else if keyword.eq_ignore_ascii_case("AUTH") {
+            set_once(&mut mail.auth, keyword, || auth_value(value, limits))?;
         } else {
             return Err(CommandError::UnknownParameter(keyword.to_owned()));
         }
@@ -773,6 +809,22 @@ fn envid_value(value: Option<&str>) -> Result<String, CommandError> {
         .ok_or(CommandError::InvalidParameterValue("ENVID"))
 }
 
+/// `auth-param = "AUTH=" xtext` (RFC 4954 section 8): "The decoded form of the xtext MUST be
+/// either a <mailbox> or the two characters "<>"". The mailbox is held to the same syntax and
+/// limits as the paths.
+fn auth_value(value: Option<&str>, limits: &AddressLimits) -> Result<ReversePath, CommandError> {
+    let invalid = CommandError::InvalidParameterValue("AUTH");
+    let decoded = xtext(required_value(value, "AUTH")?).ok_or_else(|| invalid.clone())?;
+    if decoded == "<>" {
+        return Ok(ReversePath::Null);
+    }
+    let mut cursor = Cursor::new(&decoded);
+    match mailbox(&mut cursor, limits) {
+        Ok(mailbox) if cursor.at_end() => Ok(ReversePath::Mailbox(mailbox)),
+        _ => Err(invalid),
+    }
+}
+
 /// `notify-esmtp-value = "NEVER" / 1#notify-list-element`, `notify-list-element = "SUCCESS"
 /// / "FAILURE" / "DELAY"` (RFC 3461 section 4.1), in any case.
 fn notify_value(value: Option<&str>) -> Result<Notify, CommandError> {
@@ -1032,6 +1084,7 @@ mod tests {
             smtputf8: false,
             ret: None,
             envid: None,
+            auth: None,
             has_parameters: false,
         }
     }
@@ -1159,7 +1212,7 @@ mod tests {
             ("MAILFROM:<a@b>", Err(CommandError::UnknownCommand)),
             ("MAIL:FROM:<a@b>", Err(CommandError::UnknownCommand)),
             ("EHLO\texample.com", Err(CommandError::UnknownCommand)),
-            ("AUTH PLAIN", Err(CommandError::UnknownCommand)),
+            ("AUTHPLAIN", Err(CommandError::UnknownCommand)),
             ("TURN", Err(CommandError::UnknownCommand)),
             ("STARTTLSX", Err(CommandError::UnknownCommand)),
             ("ÉHLO x", Err(CommandError::UnknownCommand)),
@@ -1630,6 +1683,105 @@ mod tests {
         ]);
     }
 
+    /// RFC 4954 section 5 and its examples in section 5.1.
+    #[test]
+    fn mail_auth_parameter() {
+        let auth = |path: ReversePath| mail_params(|m| m.auth = Some(path));
+        let auth_mailbox = |local_part: &str, domain: &str| {
+            auth(ReversePath::Mailbox(mailbox(local_part, name(domain))))
+        };
+        check(&[
+            ("MAIL FROM:<a@b> AUTH=<>", auth(ReversePath::Null)),
+            ("MAIL FROM:<a@b> auth=+3C+3E", auth(ReversePath::Null)),
+            ("MAIL FROM:<e=mc2@example.com> AUTH=e+3Dmc2@example.com", {
+                let mut mail =
+                    mail_from(ReversePath::Mailbox(mailbox("e=mc2", name("example.com"))));
+                mail.auth = Some(ReversePath::Mailbox(mailbox("e=mc2", name("example.com"))));
+                mail.has_parameters = true;
+                Ok(Command::Mail(mail))
+            }),
+            ("MAIL FROM:<a@b> AUTH=john+2B@example.org", auth_mailbox("john+", "example.org")),
+            ("MAIL FROM:<a@b> AUTH=\"john\"@example.org", auth_mailbox("john", "example.org")),
+            ("MAIL FROM:<a@b> AUTH=a@[192.0.2.1]", {
+                auth(ReversePath::Mailbox(mailbox("a", v4(192, 0, 2, 1))))
+            }),
+            ("MAIL FROM:<a@b> AUTH=+C3+A9@example.org", auth_mailbox("é", "example.org")),
+            (
+                "MAIL FROM:<a@b> SIZE=5 AUTH=<> ENVID=x",
+                mail_params(|m| {
+                    m.size = Some(5);
+                    m.auth = Some(ReversePath::Null);
+                    m.envid = Some("x".into());
+                }),
+            ),
+            ("MAIL FROM:<a@b> AUTH", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=", invalid_value("AUTH")),
+            // The decoded value is a mailbox, without angle brackets, or exactly "<>".
+            ("MAIL FROM:<a@b> AUTH=<a@b>", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=<", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=<<>>", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=alice", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=a@b@c", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=a@", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=@b", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=a+20b@c", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=a@b+0D+0A", invalid_value("AUTH")),
+            // Not xtext: "=" and a lower case or short hexchar.
+            ("MAIL FROM:<a@b> AUTH=e=mc2@example.com", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=e+3dmc2@example.com", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=a+@b", invalid_value("AUTH")),
+            // RFC 4954 section 8: "non-US-ASCII is only allowed as hexchar".
+            ("MAIL FROM:<a@b> AUTH=é@example.org", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=<> AUTH=<>", unknown_param("AUTH")),
+        ]);
+        let long = format!("MAIL FROM:<a@b> AUTH={}@b", "l".repeat(65));
+        assert_eq!(parse(&long), invalid_value("AUTH"), "the local part limit applies");
+    }
+
+    #[test]
+    fn auth_command() {
+        let auth = |mechanism: &str, initial_response: Option<&str>| {
+            Ok(Command::Auth {
+                mechanism: mechanism.to_owned(),
+                initial_response: initial_response.map(str::to_owned),
+            })
+        };
+        let auth_syntax = || syntax("AUTH mechanism [initial-response]");
+        check(&[
+            ("AUTH PLAIN", auth("PLAIN", None)),
+            ("auth plain", auth("PLAIN", None)),
+            ("Auth Scram-Sha-256", auth("SCRAM-SHA-256", None)),
+            ("AUTH PLAIN dGVzdAB0ZXN0ADEyMzQ=", auth("PLAIN", Some("dGVzdAB0ZXN0ADEyMzQ="))),
+            ("AUTH EXTERNAL =", auth("EXTERNAL", Some("="))),
+            ("AUTH  LOGIN  dXNlcg==  ", auth("LOGIN", Some("dXNlcg=="))),
+            ("AUTH X_MECH-1", auth("X_MECH-1", None)),
+            ("AUTH ABCDEFGHIJKLMNOPQRST", auth("ABCDEFGHIJKLMNOPQRST", None)),
+            // The initial response is kept as sent; the session decodes it.
+            ("AUTH PLAIN not*base64", auth("PLAIN", Some("not*base64"))),
+            ("AUTH PLAIN *", auth("PLAIN", Some("*"))),
+            ("AUTH", auth_syntax()),
+            ("AUTH ", auth_syntax()),
+            ("AUTH PLAIN a b", auth_syntax()),
+            ("AUTH ABCDEFGHIJKLMNOPQRSTU", auth_syntax()),
+            ("AUTH PL.AIN", auth_syntax()),
+            ("AUTH PLAIN=", auth_syntax()),
+            ("AUTH PLÄIN", auth_syntax()),
+            ("AUTH =", auth_syntax()),
+            ("AUTH\tPLAIN", Err(CommandError::UnknownCommand)),
+        ]);
+        assert_eq!(parse("AUTH PLAIN").map(|c| c.verb()), Ok("AUTH"));
+    }
+
+    #[test]
+    fn mechanism_names() {
+        for name in ["PLAIN", "LOGIN", "SCRAM-SHA-256", "CRAM-MD5", "GS2-KRB5", "X_1", "plain"] {
+            assert!(is_mechanism_name(name), "{name}");
+        }
+        for name in ["", "SCRAM-SHA-256-PLUS-EXTRA", "A B", "A.B", "Ä", "A\n"] {
+            assert!(!is_mechanism_name(name), "{name:?}");
+        }
+    }
+
     #[test]
     fn mail_parameter_errors() {
         let mail_syntax = || syntax("MAIL FROM:<address> [parameters]");
@@ -1670,7 +1822,6 @@ mod tests {
             ("MAIL FROM:<a@b> FOO", unknown_param("FOO")),
             ("MAIL FROM:<a@b> foo=bar", unknown_param("foo")),
             ("MAIL FROM:<a@b> X-Custom=1", unknown_param("X-Custom")),
-            ("MAIL FROM:<a@b> AUTH=<>", unknown_param("AUTH")),
             ("MAIL FROM:<a@b> NOTIFY=NEVER", unknown_param("NOTIFY")),
             ("MAIL FROM:<a@b> ORCPT=rfc822;a@b", unknown_param("ORCPT")),
             ("MAIL FROM:<a@b> FOO=\x01", unknown_param("FOO")),
@@ -2084,6 +2235,30 @@ mod tests {
         fn utf8_orcpt_round_trips(address in "[ -~\u{a0}-\u{2fff}\u{10000}-\u{1ffff}]{1,60}") {
             let line = format!("RCPT TO:<a@b> ORCPT=utf-8;{}", encode_utf8_addr_xtext(&address));
             prop_assert_eq!(parse(&line), orcpt("utf-8", &address));
+        }
+
+        #[test]
+        fn auth_round_trips(
+            mechanism in "[A-Z0-9_-]{1,20}",
+            initial_response in prop::option::of("[A-Za-z0-9+/]{0,40}={0,2}"),
+        ) {
+            let initial_response = initial_response.filter(|ir| !ir.is_empty());
+            let line = match &initial_response {
+                Some(ir) => format!("AUTH {} {ir}", mechanism.to_lowercase()),
+                None => format!("AUTH {}", mechanism.to_lowercase()),
+            };
+            prop_assert_eq!(parse(&line), Ok(Command::Auth { mechanism, initial_response }));
+        }
+
+        #[test]
+        fn mail_auth_round_trips(mailbox in mailbox_value(), extra in prop::collection::vec(any::<bool>(), 100)) {
+            let line = format!("MAIL FROM:<a@b> AUTH={}", encode_xtext(&mailbox.to_string(), &extra));
+            let expected = Command::Mail(MailFrom {
+                auth: Some(ReversePath::Mailbox(mailbox)),
+                has_parameters: true,
+                ..mail_from(ReversePath::Mailbox(Mailbox { local_part: "a".into(), domain: name("b") }))
+            });
+            prop_assert_eq!(parse_command(line.as_bytes(), &WIDE), Ok(expected), "line: {:?}", line);
         }
 
         #[test]

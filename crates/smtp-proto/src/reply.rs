@@ -117,7 +117,7 @@ pub const EXPN_DISABLED: Reply = Reply::new(502, st(5, 5, 1), "EXPN command not 
 pub const HELP: Reply = Reply::new(
     214,
     st(2, 0, 0),
-    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS\n\
+    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH\n\
      See RFC 5321 and https://www.rfc-editor.org/info/rfc5321",
 );
 
@@ -187,6 +187,35 @@ pub const SHUTTING_DOWN: Reply =
 pub const TIMEOUT: Reply = Reply::new(421, st(4, 4, 2), "Timeout, closing connection");
 pub const TOO_MANY_CONNECTIONS: Reply =
     Reply::new(421, st(4, 7, 0), "Too many connections, try again later");
+
+// SMTP AUTH (RFC 4954 sections 4 and 6, with the enhanced status codes section 6 suggests).
+pub const AUTH_SUCCESSFUL: Reply = Reply::new(235, st(2, 7, 0), "Authentication successful");
+/// AUTH on a listener without mechanisms: not implemented here, as for STARTTLS.
+pub const AUTH_UNAVAILABLE: Reply = Reply::new(502, st(5, 5, 1), "AUTH not available");
+pub const AUTH_NEEDS_EHLO: Reply = Reply::new(503, st(5, 5, 1), "Send EHLO first");
+pub const ALREADY_AUTHENTICATED: Reply = Reply::new(503, st(5, 5, 1), "Already authenticated");
+pub const AUTH_IN_TRANSACTION: Reply =
+    Reply::new(503, st(5, 5, 1), "AUTH not permitted during a mail transaction");
+pub const UNKNOWN_MECHANISM: Reply =
+    Reply::new(504, st(5, 5, 4), "Unrecognized authentication mechanism");
+pub const ENCRYPTION_REQUIRED: Reply =
+    Reply::new(538, st(5, 7, 11), "Encryption required for requested authentication mechanism");
+/// RFC 4954 section 4 asks for 501 and names no enhanced code; 5.0.0 is "other undefined
+/// status" (RFC 3463 section 3.1).
+pub const AUTH_CANCELLED: Reply = Reply::new(501, st(5, 0, 0), "Authentication cancelled");
+pub const INVALID_BASE64: Reply = Reply::new(501, st(5, 5, 2), "Invalid base64 data");
+pub const AUTH_LINE_TOO_LONG: Reply =
+    Reply::new(500, st(5, 5, 6), "Authentication exchange line is too long");
+/// RFC 4954 section 4: an initial response for a mechanism in which the server speaks first
+/// "MUST" get 501, and "SHOULD" get 5.7.0.
+pub const INITIAL_RESPONSE_NOT_ALLOWED: Reply =
+    Reply::new(501, st(5, 7, 0), "Initial response not allowed for this mechanism");
+pub const AUTH_INVALID_CREDENTIALS: Reply =
+    Reply::new(535, st(5, 7, 8), "Authentication credentials invalid");
+pub const AUTH_TEMPORARY_FAILURE: Reply =
+    Reply::new(454, st(4, 7, 0), "Temporary authentication failure");
+/// MAIL before AUTH where authentication is required (RFC 6409 section 4.3).
+pub const AUTH_REQUIRED: Reply = Reply::new(530, st(5, 7, 0), "Authentication required");
 
 impl From<&CommandError> for Reply {
     fn from(error: &CommandError) -> Reply {

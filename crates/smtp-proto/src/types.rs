@@ -221,6 +221,13 @@ pub struct MailFrom {
     pub ret: Option<Ret>,
     /// `ENVID=` (RFC 3461 section 4.4), xtext-decoded.
     pub envid: Option<String>,
+    /// `AUTH=` (RFC 4954 section 5), xtext-decoded: the mailbox the client says submitted the
+    /// message, or `<>` for "unknown". This is only the client's claim. RFC 4954 section 5:
+    /// "If the server does not sufficiently trust the authenticated identity of the client, or
+    /// if the client is not authenticated, then the server MUST behave as if the AUTH=<>
+    /// parameter was supplied"; it MAY log the value. A server that trusts no client simply
+    /// ignores it.
+    pub auth: Option<ReversePath>,
     /// True when any ESMTP parameter was present, which HELO sessions may not use.
     pub has_parameters: bool,
 }
@@ -262,6 +269,14 @@ pub enum Command {
     Help(Option<String>),
     /// `STARTTLS` (RFC 3207).
     StartTls,
+    /// `AUTH mechanism [initial-response]` (RFC 4954 section 4).
+    Auth {
+        /// The SASL mechanism name, upper case (RFC 4954 section 8: case-insensitive).
+        mechanism: String,
+        /// The initial response as sent: base64 or `=`, not yet decoded. It may carry a
+        /// password, so a parsed command must not be logged.
+        initial_response: Option<String>,
+    },
 }
 
 impl Command {
@@ -281,6 +296,7 @@ impl Command {
             Command::Expn(_) => "EXPN",
             Command::Help(_) => "HELP",
             Command::StartTls => "STARTTLS",
+            Command::Auth { .. } => "AUTH",
         }
     }
 }
