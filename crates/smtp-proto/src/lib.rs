@@ -14,10 +14,10 @@ pub mod trace;
 pub mod types;
 
 pub use client::{
-    AfterTransaction, ClientConfig, ClientError, ClientSession, Envelope, EnvelopeRecipient,
-    Extensions, FramedContent, RecipientResult, Refusal, ReplyError, ReplyParser, ServerReply,
-    SessionStep, TlsIntent, Transaction as ClientTransaction, TransactionOutcome, TransactionStep,
-    is_seven_bit,
+    AfterTransaction, ClientConfig, ClientError, ClientSession, Credentials, Envelope,
+    EnvelopeRecipient, Extensions, FramedContent, InvalidCredentials, RecipientResult, Refusal,
+    ReplyError, ReplyParser, ServerReply, SessionStep, TlsIntent, Transaction as ClientTransaction,
+    TransactionOutcome, TransactionStep, is_seven_bit,
 };
 pub use parse::parse_command;
 pub use reply::{EnhancedStatus, Reply};

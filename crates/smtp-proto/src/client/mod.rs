@@ -4,9 +4,9 @@
 //! [`ReplyParser`], hand each complete [`ServerReply`] to the state machine it is running,
 //! write the bytes the machine returns, and run the TLS handshake when told to.
 //!
-//! - [`ClientSession`] covers the connection: the greeting, EHLO (or HELO), STARTTLS, RSET and
-//!   QUIT. It says [`SessionStep::Ready`] once mail transactions may start, and knows the
-//!   server's [`Extensions`].
+//! - [`ClientSession`] covers the connection: the greeting, EHLO (or HELO), STARTTLS, AUTH
+//!   (RFC 4954, with [`Credentials`]), RSET and QUIT. It says [`SessionStep::Ready`] once mail
+//!   transactions may start, and knows the server's [`Extensions`].
 //! - [`Transaction`] covers one message: MAIL, RCPT, DATA or BDAT, pipelined when the server
 //!   offers PIPELINING (RFC 2920), and reports a result for every recipient.
 //!
@@ -17,6 +17,7 @@
 //!            session.quit()
 //! ```
 
+mod auth;
 mod extensions;
 mod reply;
 mod session;
@@ -26,6 +27,7 @@ use std::fmt;
 
 use crate::reply::EnhancedStatus;
 
+pub use auth::{Credentials, InvalidCredentials};
 pub use extensions::Extensions;
 pub use reply::{ReplyError, ReplyParser, ServerReply};
 pub use session::{ClientConfig, ClientSession, SessionStep, TlsIntent};
@@ -146,18 +148,31 @@ mod tests {
 
     /// Our own server session at the other end of an in-memory connection. It accepts every
     /// sender, refuses recipients whose local part starts with "unknown", and stores messages.
+    /// With AUTH mechanisms, it knows one account: "relay", password "secret".
     struct Peer {
         server: ServerSession,
         replies: ReplyParser,
         stored: Vec<crate::session::Transaction>,
+        /// The mechanism and the client's messages of the AUTH exchange under way.
+        auth: Option<(String, Vec<Vec<u8>>)>,
     }
 
     impl Peer {
         fn new() -> Peer {
-            let config = SessionConfig { starttls: true, ..SessionConfig::default() };
+            Peer::with_auth(&[])
+        }
+
+        /// A peer that offers these AUTH mechanisms under TLS.
+        fn with_auth(mechanisms: &[&str]) -> Peer {
+            let config = SessionConfig {
+                starttls: true,
+                auth_mechanisms: mechanisms.iter().map(|m| m.to_string()).collect(),
+                ..SessionConfig::default()
+            };
             let mut server = ServerSession::new(Arc::new(config), false);
             server.greet();
-            let mut peer = Peer { server, replies: ReplyParser::new(), stored: Vec::new() };
+            let mut peer =
+                Peer { server, replies: ReplyParser::new(), stored: Vec::new(), auth: None };
             peer.deliver_output();
             peer
         }
@@ -189,9 +204,41 @@ mod tests {
                         self.server.tls_started();
                         return;
                     }
+                    Event::Auth => {
+                        let request = self.server.pending_auth().unwrap().clone();
+                        let messages = request.initial_response.into_iter().collect();
+                        self.auth = Some((request.mechanism, messages));
+                        self.authenticate();
+                    }
+                    Event::AuthResponse => {
+                        let response = self.server.pending_auth_response().unwrap().to_vec();
+                        self.auth.as_mut().unwrap().1.push(response);
+                        self.authenticate();
+                    }
+                    Event::AuthAborted => self.auth = None,
                 }
             }
             self.deliver_output();
+        }
+
+        /// The next step of the AUTH exchange: a challenge until the mechanism has all the
+        /// client's messages, then the verdict.
+        fn authenticate(&mut self) {
+            let (mechanism, messages) = self.auth.as_ref().unwrap();
+            let (prompts, expected): (&[&[u8]], &[&[u8]]) = match mechanism.as_str() {
+                "PLAIN" => (&[b""], &[b"\0relay\0secret"]),
+                "LOGIN" => (&[b"Username:", b"Password:"], &[b"relay", b"secret"]),
+                other => panic!("{other}"),
+            };
+            if messages.len() < expected.len() {
+                self.server.auth_challenge(prompts[messages.len()]);
+            } else if messages == expected {
+                self.server.auth_success("relay".into());
+                self.auth = None;
+            } else {
+                self.server.auth_failure(reply::AUTH_INVALID_CREDENTIALS);
+                self.auth = None;
+            }
         }
 
         fn deliver_output(&mut self) {
@@ -204,9 +251,25 @@ mod tests {
         }
     }
 
+    fn config(tls: TlsIntent) -> ClientConfig {
+        ClientConfig {
+            helo_name: "client.example".into(),
+            tls,
+            auth: None,
+            allow_plaintext_auth: false,
+        }
+    }
+
     /// Runs the session up to Ready and returns it.
     fn connect(peer: &mut Peer, tls: TlsIntent) -> ClientSession {
-        let config = ClientConfig { helo_name: "client.example".into(), tls };
+        match open(peer, config(tls)) {
+            (session, SessionStep::Ready) => session,
+            (_, other) => panic!("{other:?}"),
+        }
+    }
+
+    /// Runs the session until it is ready or fails.
+    fn open(peer: &mut Peer, config: ClientConfig) -> (ClientSession, SessionStep) {
         let mut session = ClientSession::new(config, false);
         let mut step = session.on_reply(peer.reply());
         loop {
@@ -219,10 +282,14 @@ mod tests {
                     assert!(peer.replies.is_empty());
                     session.tls_established()
                 }
-                SessionStep::Ready => return session,
-                other => panic!("{other:?}"),
+                SessionStep::Ready | SessionStep::Failed(_) => return (session, step),
+                SessionStep::Closed => panic!("closed"),
             };
         }
+    }
+
+    fn with_credentials(tls: TlsIntent, password: &str) -> ClientConfig {
+        ClientConfig { auth: Some(Credentials::new("relay", password).unwrap()), ..config(tls) }
     }
 
     fn deliver(
@@ -341,5 +408,55 @@ mod tests {
             let outcome = deliver(&mut peer, &extensions, &self::envelope(), CONTENT);
             check_delivery(&peer, &outcome, chunking);
         }
+    }
+
+    #[test]
+    fn authenticates_to_our_own_server_after_starttls() {
+        // PLAIN is preferred; LOGIN is used when it is all the server offers.
+        for mechanisms in [&["LOGIN", "PLAIN"][..], &["LOGIN"]] {
+            let mut peer = Peer::with_auth(mechanisms);
+            let (mut session, step) =
+                open(&mut peer, with_credentials(TlsIntent::Required, "secret"));
+            assert_eq!(step, SessionStep::Ready, "{mechanisms:?}");
+            assert!(session.tls_active() && session.authenticated());
+            assert_eq!(peer.server.authenticated_as(), Some("relay"));
+            assert!(peer.replies.is_empty());
+
+            let outcome = deliver(&mut peer, session.extensions(), &envelope(), CONTENT);
+            check_delivery(&peer, &outcome, true);
+            peer.write(&session.quit());
+            assert_eq!(session.on_reply(peer.reply()), SessionStep::Closed);
+        }
+    }
+
+    #[test]
+    fn our_own_server_refuses_a_wrong_password() {
+        for mechanisms in [&["PLAIN"][..], &["LOGIN"]] {
+            let mut peer = Peer::with_auth(mechanisms);
+            let (mut session, step) =
+                open(&mut peer, with_credentials(TlsIntent::Required, "wrong"));
+            let SessionStep::Failed(error) = step else { panic!("{step:?}") };
+            assert_eq!(error.status, EnhancedStatus(4, 7, 8), "{error}");
+            assert!(!session.authenticated());
+            assert_eq!(peer.server.authenticated_as(), None);
+            // The server is back at reading commands.
+            peer.write(&session.quit());
+            assert_eq!(session.on_reply(peer.reply()), SessionStep::Closed);
+        }
+    }
+
+    #[test]
+    fn our_own_server_offers_no_password_mechanism_without_tls() {
+        // With TLS refused by the client's policy, and plain text allowed, the server still
+        // keeps PLAIN and LOGIN to itself: the session fails instead of going on without AUTH.
+        let mut peer = Peer::with_auth(&["PLAIN", "LOGIN"]);
+        let config = ClientConfig {
+            allow_plaintext_auth: true,
+            ..with_credentials(TlsIntent::Never, "secret")
+        };
+        let (_, step) = open(&mut peer, config);
+        let SessionStep::Failed(error) = step else { panic!("{step:?}") };
+        assert_eq!(error.description, "AUTH not offered but credentials configured");
+        assert!(!error.is_permanent());
     }
 }
