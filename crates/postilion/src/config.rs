@@ -28,6 +28,7 @@ pub struct Config {
     pub dns: DnsConfig,
     pub outbound: OutboundConfig,
     pub abuse: AbuseLimits,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -294,6 +295,43 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// SMTP AUTH (RFC 4954) on the listeners that offer it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// SASL mechanisms, in the order offered. PLAIN and LOGIN only ever under TLS. Default
+    /// `["PLAIN", "LOGIN", "SCRAM-SHA-256"]`.
+    pub mechanisms: Vec<String>,
+    /// Authenticated users may use only the senders their account allows (553 5.7.1
+    /// otherwise). Default true.
+    pub restrict_senders: bool,
+    /// Accounts kept in the configuration, besides those in `accounts.db`.
+    pub accounts: Vec<ConfiguredAccount>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mechanisms: vec!["PLAIN".into(), "LOGIN".into(), "SCRAM-SHA-256".into()],
+            restrict_senders: true,
+            accounts: Vec::new(),
+        }
+    }
+}
+
+/// An account in the configuration file: hashes only, never a password.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfiguredAccount {
+    pub name: String,
+    /// argon2id PHC string, as `postilion user` stores it.
+    pub password_hash: Option<String>,
+    /// SCRAM-SHA-256 keys, as `postilion user` stores them.
+    pub scram: Option<String>,
+    #[serde(default)]
+    pub senders: Vec<String>,
+}
+
 /// Limits against abuse, counted over all sessions (see `limits.rs`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -543,6 +581,25 @@ pub struct RouteConfig {
     pub mx: bool,
     /// Default: `outbound.tls`.
     pub tls: Option<OutboundTls>,
+    /// SMTP AUTH (PLAIN or LOGIN) at this host: the user name.
+    pub auth_username: Option<String>,
+    /// A file holding the password (its first line), readable only by the server.
+    pub auth_password_file: Option<PathBuf>,
+}
+
+impl RouteConfig {
+    /// The credentials for SMTP AUTH, read from the password file.
+    pub fn credentials(&self) -> anyhow::Result<Option<smtp_proto::Credentials>> {
+        let (Some(username), Some(file)) = (&self.auth_username, &self.auth_password_file) else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the password file {}", file.display()))?;
+        let password = text.lines().next().unwrap_or("");
+        let credentials = smtp_proto::Credentials::new(username.as_str(), password)
+            .with_context(|| format!("credentials for {username}"))?;
+        Ok(Some(credentials))
+    }
 }
 
 fn default_listener_name() -> String {
@@ -572,6 +629,7 @@ impl Default for Config {
             dns: DnsConfig::default(),
             outbound: OutboundConfig::default(),
             abuse: AbuseLimits::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -657,6 +715,19 @@ impl Config {
             if route.host.is_empty() || route.port == Some(0) {
                 bail!("outbound.routes.{domain:?} needs a host and a non-zero port");
             }
+            if route.auth_username.is_some() != route.auth_password_file.is_some() {
+                bail!(
+                    "outbound.routes.{domain:?}: auth_username and auth_password_file go together"
+                );
+            }
+            // RFC 4954 section 14: PLAIN only to a server whose certificate was verified; a
+            // password must never go out where anyone could read or intercept it.
+            if route.auth_username.is_some()
+                && route.tls.unwrap_or(outbound.tls) != OutboundTls::Verify
+            {
+                bail!("outbound.routes.{domain:?}: SMTP AUTH needs tls = \"verify\"");
+            }
+            route.credentials().with_context(|| format!("outbound.routes.{domain:?}"))?;
         }
         if self.tls.certificate.is_some() != self.tls.private_key.is_some() {
             bail!("tls.certificate and tls.private_key must be given together");

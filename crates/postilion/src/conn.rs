@@ -12,7 +12,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use crate::config::TlsMode;
+use accounts::Account;
+use sasl::{AuthErrorKind, Mechanism, ServerExchange};
+
+use crate::config::{Role, TlsMode};
+use crate::limits::AfterFailure;
 use crate::server::{ConnectionFacts, ConnectionPermit, Listener, Server};
 
 /// Bytes read from the socket at a time. The session never needs more than this buffered:
@@ -47,8 +51,16 @@ pub async fn serve(
     let started = Instant::now();
     let _ = stream.set_nodelay(true);
     let mut facts = ConnectionFacts { peer, tls: None };
-    let mut driver =
-        Driver { server: &server, facts: &mut facts, messages: 0, shutting_down: None };
+    let mut driver = Driver {
+        server: &server,
+        listener: &listener,
+        facts: &mut facts,
+        exchange: None,
+        auth_name: None,
+        account: None,
+        messages: 0,
+        shutting_down: None,
+    };
     let mut session =
         ServerSession::new(listener.session_config.clone(), listener.mode == TlsMode::Implicit);
     let outcome = match (&listener.tls, listener.mode) {
@@ -98,7 +110,14 @@ pub async fn serve(
 
 struct Driver<'a> {
     server: &'a Server,
+    listener: &'a Listener,
     facts: &'a mut ConnectionFacts,
+    /// The SASL exchange in progress, between AUTH and its outcome.
+    exchange: Option<ServerExchange>,
+    /// The user named in the exchange in progress, once known, for throttling and logs.
+    auth_name: Option<String>,
+    /// The account of the authenticated user.
+    account: Option<Arc<Account>>,
     /// Messages accepted in this connection.
     messages: u32,
     /// Set when shutdown began: the moment by which a message in progress must be done.
@@ -143,14 +162,16 @@ impl Driver<'_> {
                 match event {
                     Event::NeedInput => break,
                     Event::Mail => {
+                        let account = self.account.as_deref();
                         let verdict = session
                             .pending_mail()
-                            .map_or(Ok(()), |mail| self.server.check_mail(mail));
+                            .map_or(Ok(()), |mail| self.server.check_mail(mail, account));
                         session.mail_verdict(verdict);
                     }
                     Event::Rcpt => {
+                        let account = self.account.as_deref();
                         let verdict = session.pending_rcpt().map_or(Ok(()), |rcpt| {
-                            self.server.check_rcpt(rcpt, self.facts.peer.ip())
+                            self.server.check_rcpt(rcpt, self.facts.peer.ip(), account)
                         });
                         session.rcpt_verdict(verdict);
                     }
@@ -170,11 +191,19 @@ impl Driver<'_> {
                         flush(stream, session).await?;
                         return Ok(Ended::Closed("closed by protocol"));
                     }
-                    // No listener configures AUTH mechanisms yet, so these do not happen.
-                    Event::Auth | Event::AuthResponse => {
-                        session.auth_failure(reply::AUTH_UNAVAILABLE);
+                    Event::Auth => {
+                        // The check may take a while (a delay after failures, argon2).
+                        flush(stream, session).await?;
+                        self.start_auth(session).await;
                     }
-                    Event::AuthAborted => {}
+                    Event::AuthResponse => {
+                        flush(stream, session).await?;
+                        self.continue_auth(session).await;
+                    }
+                    Event::AuthAborted => {
+                        self.exchange = None;
+                        self.auth_name = None;
+                    }
                 }
             }
             buf.clear();
@@ -219,11 +248,136 @@ impl Driver<'_> {
         let Some(transaction) = session.take_message() else {
             return reply::LOCAL_ERROR;
         };
-        let reply = self.server.accept_message(transaction, self.facts, &helo, esmtp).await;
+        let submission = self.listener.role != Role::Mta;
+        let reply = self
+            .server
+            .accept_message(
+                transaction,
+                self.facts,
+                &helo,
+                esmtp,
+                session.authenticated_as(),
+                submission,
+            )
+            .await;
         if reply.is_positive() {
             self.messages += 1;
         }
         reply
+    }
+}
+
+impl Driver<'_> {
+    async fn start_auth(&mut self, session: &mut ServerSession) {
+        let Some(request) = session.pending_auth().cloned() else { return };
+        let Some(authenticator) = &self.server.authenticator else {
+            session.auth_failure(reply::AUTH_UNAVAILABLE);
+            return;
+        };
+        let Some(mechanism) = Mechanism::from_name(&request.mechanism) else {
+            session.auth_failure(reply::AUTH_UNAVAILABLE);
+            return;
+        };
+        // Failures from this address slow down every new attempt, so reconnecting does not
+        // skip the penalty.
+        let ip = self.facts.peer.ip();
+        let delay = self.server.abuse.auth_delay(ip, None, Instant::now());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let (exchange, step) = ServerExchange::start(
+            mechanism,
+            request.initial_response.as_deref(),
+            authenticator.settings.clone(),
+        );
+        self.exchange = Some(exchange);
+        self.auth_name = None;
+        self.auth_step(session, step).await;
+    }
+
+    async fn continue_auth(&mut self, session: &mut ServerSession) {
+        let Some(response) = session.pending_auth_response().map(<[u8]>::to_vec) else { return };
+        let Some(exchange) = self.exchange.as_mut() else {
+            session.auth_failure(reply::AUTH_TEMPORARY_FAILURE);
+            return;
+        };
+        let step = exchange.step(&response);
+        self.auth_step(session, step).await;
+    }
+
+    /// Carries out steps of the exchange until it needs the client again or is over.
+    async fn auth_step(&mut self, session: &mut ServerSession, mut step: sasl::Step) {
+        let ip = self.facts.peer.ip();
+        loop {
+            step = match step {
+                sasl::Step::Challenge(challenge) => {
+                    session.auth_challenge(&challenge);
+                    return;
+                }
+                sasl::Step::NeedCredentials(request) => {
+                    let Some(authenticator) = &self.server.authenticator else { return };
+                    let name = request.authcid().to_string();
+                    let delay = self.server.abuse.auth_delay(ip, Some(&name), Instant::now());
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    self.auth_name = Some(name);
+                    let credentials = authenticator.credentials(request).await;
+                    match self.exchange.as_mut() {
+                        Some(exchange) => exchange.resume(credentials),
+                        None => return,
+                    }
+                }
+                sasl::Step::Success { authcid, authzid } => {
+                    self.exchange = None;
+                    let account = match &self.server.authenticator {
+                        Some(authenticator) => authenticator.account(&authzid).await,
+                        None => None,
+                    };
+                    let Some(account) = account else {
+                        // Removed or disabled between the check and now.
+                        session.auth_failure(reply::AUTH_TEMPORARY_FAILURE);
+                        return;
+                    };
+                    self.server.abuse.auth_succeeded(ip);
+                    info!(client = %ip, user = %authzid, authcid = %authcid, listener = %self.listener.name, "authenticated");
+                    self.account = Some(Arc::new(account));
+                    session.auth_success(authzid);
+                    return;
+                }
+                sasl::Step::Failure(error) => {
+                    self.exchange = None;
+                    let name = self.auth_name.take();
+                    let reply = match error.kind() {
+                        AuthErrorKind::InvalidCredentials => {
+                            match self.server.abuse.auth_failed(ip, name.as_deref(), Instant::now())
+                            {
+                                AfterFailure::Delay(delay) => {
+                                    if !delay.is_zero() {
+                                        tokio::time::sleep(delay).await;
+                                    }
+                                    reply::AUTH_INVALID_CREDENTIALS
+                                }
+                                AfterFailure::Disconnect => {
+                                    warn!(client = %ip, user = ?name, "too many failed logins; address banned for a while");
+                                    reply::AUTH_TOO_MANY_FAILURES.and_close()
+                                }
+                            }
+                        }
+                        AuthErrorKind::Malformed => reply::AUTH_MALFORMED,
+                        AuthErrorKind::InitialResponseNotAllowed => {
+                            reply::INITIAL_RESPONSE_NOT_ALLOWED
+                        }
+                        AuthErrorKind::MechanismNotAvailable => reply::UNKNOWN_MECHANISM,
+                        AuthErrorKind::TooLong => reply::AUTH_LINE_TOO_LONG,
+                        AuthErrorKind::TemporaryFailure => reply::AUTH_TEMPORARY_FAILURE,
+                    };
+                    warn!(client = %ip, user = ?name, mechanism = error.mechanism().name(), %error, "authentication failed");
+                    session.auth_failure(reply);
+                    return;
+                }
+            };
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Postilion, a mail transfer agent.
 
+mod auth;
 mod config;
 mod conn;
 mod delivery;
@@ -155,7 +156,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     );
     let recovered =
         delivery::recover(spool.as_ref(), &delivery_queue).await.context("recovering the queue")?;
-    let listeners = server::bind_listeners(&config, tls).await?;
+    let authenticator = match config.listeners.iter().any(|l| l.offers_auth()) {
+        true => Some(auth::Authenticator::new(
+            &config.auth,
+            &config.hostname,
+            &data_dir,
+            users::database(&data_dir)?,
+        )?),
+        false => None,
+    };
+    let mechanisms: Vec<String> = authenticator
+        .iter()
+        .flat_map(|a| a.mechanisms.iter().map(|m| m.name().to_string()))
+        .collect();
+    let listeners = server::bind_listeners(&config, tls, &mechanisms).await?;
     println!("data directory {}", data_dir.display());
     info!(recovered, hostname = %config.hostname, data_dir = %data_dir.display(), "postilion started");
     let grace = config.timeouts.shutdown_grace;
@@ -166,6 +180,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ),
         router: router.clone(),
         abuse: limits::Limiter::new(config.abuse.clone()),
+        authenticator,
         config,
         spool: spool.clone(),
         delivery: delivery_queue,

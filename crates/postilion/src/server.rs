@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use smtp_proto::reply::{self, EnhancedStatus, Reply};
-use smtp_proto::trace::{ReceivedFacts, received_header};
+use smtp_proto::trace::{ReceivedFacts, received_header, rfc5322_date};
 use smtp_proto::{Domain, ForwardPath, MailFrom, RcptTo, ReversePath, SessionConfig, Transaction};
 use spool::{Envelope, NewMessage, QueueId, QueueStore, Recipient, RecipientStatus, SpoolError};
 use tokio::net::TcpListener;
@@ -16,7 +16,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use crate::config::{Config, TlsMode};
+use accounts::Account;
+
+use crate::config::{Config, Role, TlsMode};
 use crate::conn;
 use crate::delivery::DeliveryQueue;
 use crate::router::{Lookup, Router};
@@ -30,6 +32,8 @@ pub struct Server {
     pub limiter: ConnectionLimiter,
     /// Login failures, bans and rates, shared by all sessions.
     pub abuse: crate::limits::Limiter,
+    /// `None` when no listener offers AUTH.
+    pub authenticator: Option<crate::auth::Authenticator>,
     /// Becomes true when the server is shutting down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -37,6 +41,7 @@ pub struct Server {
 /// One bound listener and how its sessions behave.
 pub struct Listener {
     pub name: String,
+    pub role: Role,
     pub mode: TlsMode,
     pub session_config: Arc<SessionConfig>,
     /// Present when the listener offers STARTTLS or is implicit TLS.
@@ -53,31 +58,64 @@ pub struct ConnectionFacts {
 }
 
 impl Server {
-    /// Decides a MAIL command: the sender is taken as given (no sender policy yet), but a
-    /// message is refused up front when storage cannot hold it (RFC 1870 section 6.1: 452).
-    pub fn check_mail(&self, mail: &MailFrom) -> Result<(), Reply> {
+    /// Decides a MAIL command: an authenticated user may use only the senders its account
+    /// allows, within its message rate; and a message is refused up front when storage
+    /// cannot hold it (RFC 1870 section 6.1: 452).
+    pub fn check_mail(&self, mail: &MailFrom, account: Option<&Account>) -> Result<(), Reply> {
+        if let Some(account) = account {
+            let sender = match &mail.path {
+                ReversePath::Null => String::new(),
+                ReversePath::Mailbox(mailbox) => mailbox.to_string(),
+            };
+            let restrict = self.authenticator.as_ref().is_some_and(|a| a.restrict_senders);
+            if restrict && !account.may_send_as(&sender) {
+                warn!(user = %account.name, sender = %sender, "sender refused: not owned by the user");
+                return Err(Reply::owned(
+                    553,
+                    EnhancedStatus(5, 7, 1),
+                    format!("Sender address rejected: not owned by user {}", account.name),
+                ));
+            }
+            if let Err(why) = self.abuse.message(&account.name, Instant::now()) {
+                warn!(user = %account.name, why, "message refused");
+                return Err(reply::RATE_LIMITED);
+            }
+        }
         self.check_storage(mail.size.unwrap_or(0))
     }
 
     /// Decides a RCPT command: local domains by their mailboxes; any other domain only for
-    /// clients in `relay.networks` (never an open relay).
-    pub fn check_rcpt(&self, rcpt: &RcptTo, client: IpAddr) -> Result<(), Reply> {
-        match self.router.resolve(&rcpt.path) {
+    /// authenticated users and clients in `relay.networks` (never an open relay).
+    pub fn check_rcpt(
+        &self,
+        rcpt: &RcptTo,
+        client: IpAddr,
+        account: Option<&Account>,
+    ) -> Result<(), Reply> {
+        let may_relay = account.is_some() || self.config.relay.allows(client);
+        if let ForwardPath::Mailbox(mailbox) = &rcpt.path {
+            // Sender-specified routing in the local part (user%host@us, host!user@us,
+            // "user@host"@us): old relay tricks. Never honoured; to a client that may not
+            // relay it is what it is meant to be, a relay attempt.
+            if mailbox.local_part.contains(['%', '!', '@'])
+                && self.router.is_local_domain(&mailbox.domain)
+            {
+                return Err(if may_relay { reply::NO_SUCH_USER } else { reply::RELAY_DENIED });
+            }
+        }
+        let verdict = match self.router.resolve(&rcpt.path) {
             Lookup::Local(_) => Ok(()),
             Lookup::NoSuchUser => Err(reply::NO_SUCH_USER),
-            Lookup::NotLocal if self.may_relay(rcpt, client) => Ok(()),
+            Lookup::NotLocal if may_relay && routable(rcpt) => Ok(()),
             Lookup::NotLocal => Err(reply::RELAY_DENIED),
-        }
-    }
-
-    /// A remote recipient is taken only from a trusted network, and only with a domain that
-    /// outbound delivery can route: a name or an IP literal, not a general literal.
-    fn may_relay(&self, rcpt: &RcptTo, client: IpAddr) -> bool {
-        let routable = match &rcpt.path {
-            ForwardPath::Mailbox(mailbox) => !matches!(mailbox.domain, Domain::GeneralLiteral(_)),
-            ForwardPath::Postmaster => false,
         };
-        routable && self.config.relay.allows(client)
+        if let (Ok(()), Some(account)) = (&verdict, account) {
+            if let Err(why) = self.abuse.recipient(&account.name, Instant::now()) {
+                warn!(user = %account.name, why, "recipient refused");
+                return Err(reply::RATE_LIMITED);
+            }
+        }
+        verdict
     }
 
     fn check_storage(&self, needed: u64) -> Result<(), Reply> {
@@ -104,6 +142,8 @@ impl Server {
         facts: &ConnectionFacts,
         helo: &str,
         esmtp: bool,
+        authenticated_as: Option<&str>,
+        submission: bool,
     ) -> Reply {
         let id = QueueId::generate();
         let received_at = SystemTime::now();
@@ -126,7 +166,7 @@ impl Server {
             by: &self.config.hostname,
             esmtp,
             tls: facts.tls.as_ref().map(|(v, c)| (v.as_str(), c.as_str())),
-            authenticated: false,
+            authenticated: authenticated_as.is_some(),
             smtputf8: transaction.mail.smtputf8,
             queue_id: &queue_id,
             single_recipient: single.as_deref(),
@@ -135,8 +175,16 @@ impl Server {
         if let Err(reply) = self.check_storage((header.len() + transaction.content.len()) as u64) {
             return reply;
         }
-        let mut content = Vec::with_capacity(header.len() + transaction.content.len());
+        let fixups = match (submission, authenticated_as) {
+            (true, Some(_)) => {
+                submission_fixups(&transaction.content, &self.config.hostname, id, unix_time)
+            }
+            _ => String::new(),
+        };
+        let mut content =
+            Vec::with_capacity(header.len() + fixups.len() + transaction.content.len());
         content.extend_from_slice(header.as_bytes());
+        content.extend_from_slice(fixups.as_bytes());
         content.extend_from_slice(&transaction.content);
         let size = content.len();
         let envelope = Envelope {
@@ -151,7 +199,7 @@ impl Server {
             client_ip: facts.peer.ip(),
             helo: helo.to_string(),
             tls: facts.tls.as_ref().map(|(v, c)| format!("{v} {c}")),
-            authenticated_as: None,
+            authenticated_as: authenticated_as.map(str::to_string),
             received_at,
         };
         let message =
@@ -213,6 +261,39 @@ impl Server {
     }
 }
 
+/// Outbound delivery can route a name or an IP literal, not a general address literal.
+fn routable(rcpt: &RcptTo) -> bool {
+    match &rcpt.path {
+        ForwardPath::Mailbox(mailbox) => !matches!(mailbox.domain, Domain::GeneralLiteral(_)),
+        ForwardPath::Postmaster => false,
+    }
+}
+
+/// RFC 6409 section 8.1 and 8.3: a submission server MAY add a missing Date and Message-ID
+/// to a message from an authenticated user. Returns the fields to put in front of the
+/// header section, empty when both are there.
+fn submission_fixups(content: &[u8], hostname: &str, id: QueueId, unix_time: i64) -> String {
+    let header_end = content
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .map_or(content.len(), |position| position + 2);
+    let has = |name: &str| {
+        content[..header_end].split(|&b| b == b'\n').any(|line| {
+            line.len() > name.len()
+                && line[..name.len()].eq_ignore_ascii_case(name.as_bytes())
+                && line[name.len()] == b':'
+        })
+    };
+    let mut fields = String::new();
+    if !has("Date") {
+        fields.push_str(&format!("Date: {}\r\n", rfc5322_date(unix_time)));
+    }
+    if !has("Message-ID") {
+        fields.push_str(&format!("Message-ID: <{id}@{hostname}>\r\n"));
+    }
+    fields
+}
+
 /// Caps simultaneous connections, in total and per client address.
 pub struct ConnectionLimiter {
     max_total: usize,
@@ -272,6 +353,7 @@ impl Drop for ConnectionPermit {
 pub async fn bind_listeners(
     config: &Config,
     tls: Option<Arc<rustls::ServerConfig>>,
+    auth_mechanisms: &[String],
 ) -> anyhow::Result<Vec<Arc<Listener>>> {
     let mut listeners = Vec::new();
     for listener in &config.listeners {
@@ -298,12 +380,18 @@ pub async fn bind_listeners(
             max_received_headers: config.limits.received_headers,
             bare_line_endings: listener.bare_line_endings.into(),
             starttls: listener.tls() == TlsMode::Starttls,
-            ..SessionConfig::default()
+            auth_mechanisms: match listener.offers_auth() {
+                true => auth_mechanisms.to_vec(),
+                false => Vec::new(),
+            },
+            auth_required: listener.requires_auth(),
+            auth_without_tls: smtp_proto::session::AuthWithoutTls::SafeMechanisms,
         };
         let local = socket.local_addr().context("reading the bound address")?;
         println!("listening on {local} ({}, {})", listener.name, listener.tls().as_str());
         listeners.push(Arc::new(Listener {
             name: listener.name.clone(),
+            role: listener.role,
             mode: listener.tls(),
             session_config: Arc::new(session_config),
             tls: acceptor,

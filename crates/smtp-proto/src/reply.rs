@@ -214,6 +214,15 @@ pub const AUTH_INVALID_CREDENTIALS: Reply =
     Reply::new(535, st(5, 7, 8), "Authentication credentials invalid");
 pub const AUTH_TEMPORARY_FAILURE: Reply =
     Reply::new(454, st(4, 7, 0), "Temporary authentication failure");
+/// A SASL response that does not follow its mechanism's syntax (RFC 4954 section 4: 501).
+pub const AUTH_MALFORMED: Reply = Reply::new(501, st(5, 5, 2), "Malformed authentication exchange");
+/// Too many failed logins from this address: the session ends, the address waits.
+pub const AUTH_TOO_MANY_FAILURES: Reply =
+    Reply::new(421, st(4, 7, 0), "Too many failed authentication attempts, try again later");
+/// An authenticated user over its message or recipient rate. 450 as for other policy
+/// refusals the client should retry later, 4.7.1 "delivery not authorized" (RFC 3463).
+pub const RATE_LIMITED: Reply =
+    Reply::new(450, st(4, 7, 1), "Rate limit exceeded, try again later");
 /// MAIL before AUTH where authentication is required (RFC 6409 section 4.3).
 pub const AUTH_REQUIRED: Reply = Reply::new(530, st(5, 7, 0), "Authentication required");
 

@@ -53,7 +53,12 @@ pub fn protocol_keyword(
 /// client can inject a line or a second header field here.
 pub fn received_header(facts: &ReceivedFacts<'_>) -> String {
     let mut header = String::with_capacity(256);
-    let helo = sanitize(facts.helo);
+    // RFC 5321 section 4.4: the From part is an Extended-Domain, which may be an address
+    // literal; its brackets are kept when what is inside is an address.
+    let helo = match facts.helo.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(inner) if is_literal_address(inner) => format!("[{inner}]"),
+        _ => sanitize(facts.helo),
+    };
     let ip = match facts.client_ip {
         IpAddr::V4(ip) => ip.to_string(),
         IpAddr::V6(ip) => format!("IPv6:{ip}"),
@@ -72,6 +77,16 @@ pub fn received_header(facts: &ReceivedFacts<'_>) -> String {
     }
     let _ = write!(header, ";\r\n\t{}\r\n", rfc5322_date(facts.unix_time));
     header
+}
+
+/// `192.0.2.1` or `IPv6:2001:db8::1`, the inside of an address literal.
+fn is_literal_address(inner: &str) -> bool {
+    match inner.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => {
+            inner[5..].parse::<std::net::Ipv6Addr>().is_ok()
+        }
+        _ => inner.parse::<std::net::Ipv4Addr>().is_ok(),
+    }
 }
 
 /// Replaces characters that must not reach a header field: controls (CR, LF, NUL...), and
@@ -193,6 +208,30 @@ mod tests {
         // Every line after the first is a continuation: one header field.
         assert!(header.split("\r\n").skip(1).all(|l| l.is_empty() || l.starts_with('\t')));
         assert_eq!(count_received_headers(header.as_bytes()), 1);
+    }
+
+    #[test]
+    fn address_literal_helo_keeps_its_brackets() {
+        let header = |helo| {
+            received_header(&ReceivedFacts {
+                helo,
+                client_ip: "192.0.2.7".parse().unwrap(),
+                client_name: None,
+                by: "b",
+                esmtp: true,
+                tls: None,
+                authenticated: true,
+                smtputf8: false,
+                queue_id: "Q",
+                single_recipient: None,
+                unix_time: 0,
+            })
+        };
+        assert!(header("[192.0.2.7]").starts_with("Received: from [192.0.2.7] (unknown"));
+        assert!(header("[IPv6:2001:db8::1]").starts_with("Received: from [IPv6:2001:db8::1] ("));
+        assert!(header("[1.2.3.4] (x)").starts_with("Received: from ?1.2.3.4? ?x? ("));
+        assert!(header("[not an address]").starts_with("Received: from ?not an address? ("));
+        assert!(header("[1.2.3.4]").contains("with ESMTPA id Q"));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Dial<'a> {
     pub address: SocketAddr,
     pub helo_name: &'a str,
     pub intent: TlsIntent,
+    /// For SMTP AUTH at a smart host.
+    pub credentials: Option<smtp_proto::Credentials>,
     /// For the handshake when STARTTLS is used.
     pub tls_config: Option<Arc<ClientConfig>>,
     pub connect_timeout: Duration,
@@ -90,6 +92,8 @@ impl Connection {
         let config = smtp_proto::client::ClientConfig {
             helo_name: dial.helo_name.to_string(),
             tls: dial.intent,
+            auth: dial.credentials.clone(),
+            allow_plaintext_auth: false,
         };
         let mut connection = Connection {
             stream: Stream::Plain(tcp),

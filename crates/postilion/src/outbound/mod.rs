@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use smtp_proto::client::{
     self, AfterTransaction, ClientError, RecipientResult, TlsIntent, Transaction, TransactionStep,
 };
-use smtp_proto::{BodyType, EnhancedStatus};
+use smtp_proto::{BodyType, Credentials, EnhancedStatus};
 use spool::{Envelope, QueueId, Recipient};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
@@ -34,11 +34,13 @@ struct NextHop {
     exchangers: Vec<Exchanger>,
     port: u16,
     tls: OutboundTls,
+    credentials: Option<Credentials>,
 }
 
-/// Idle connections are kept per address, port and TLS policy: a connection opened under
-/// a weaker policy must never serve a delivery that requires more.
-type PoolKey = (SocketAddr, OutboundTls);
+/// Idle connections are kept per address, port, TLS policy and login: a connection opened
+/// under a weaker policy must never serve a delivery that requires more, and one
+/// authenticated as one user never carries mail routed with another's credentials.
+type PoolKey = (SocketAddr, OutboundTls, Option<String>);
 
 struct IdleConnection {
     connection: Connection,
@@ -120,7 +122,8 @@ impl Outbound {
                 }
                 tried += 1;
                 let address = SocketAddr::new(*ip, hop.port);
-                let mut connection = match self.connect(&exchanger.host, address, hop.tls).await {
+                let connect = self.connect(&exchanger.host, address, hop.tls, &hop.credentials);
+                let mut connection = match connect.await {
                     Ok(connection) => connection,
                     Err(failure) => {
                         warn!(queue_id = %id, host = %exchanger.host, %address, error = %failure, "cannot use host");
@@ -131,7 +134,9 @@ impl Outbound {
                 let (tried, after) =
                     self.transfer(&mut connection, id, envelope, content, &recipients).await;
                 match after {
-                    AfterTransaction::Ready => self.release(connection, hop.tls).await,
+                    AfterTransaction::Ready => {
+                        self.release(connection, pool_key(address, hop.tls, &hop.credentials)).await
+                    }
                     AfterTransaction::NeedsReset => connection.quit().await,
                     AfterTransaction::Closing => {}
                 }
@@ -154,16 +159,24 @@ impl Outbound {
                 exchangers: self.resolver.exchangers(domain).await?,
                 port: self.config.port,
                 tls: self.config.tls,
+                credentials: None,
             });
         };
         let exchangers = match route.mx {
             true => self.resolver.exchangers(&route.host).await?,
             false => vec![self.resolver.host(&route.host).await?],
         };
+        // Checked at start-up; read again here so a changed password file takes effect.
+        let credentials = route.credentials().map_err(|error| RouteError {
+            permanent: false,
+            status: EnhancedStatus(4, 7, 0),
+            reason: format!("{error:#}"),
+        })?;
         Ok(NextHop {
             exchangers,
             port: route.port.unwrap_or(self.config.port),
             tls: route.tls.unwrap_or(self.config.tls),
+            credentials,
         })
     }
 
@@ -318,8 +331,9 @@ impl Outbound {
         host: &str,
         address: SocketAddr,
         policy: OutboundTls,
+        credentials: &Option<Credentials>,
     ) -> Result<Connection, ClientError> {
-        while let Some(idle) = self.take_idle(address, policy) {
+        while let Some(idle) = self.take_idle(&pool_key(address, policy, credentials)) {
             if idle.is_stale().await {
                 continue;
             }
@@ -339,6 +353,7 @@ impl Outbound {
             helo_name: &self.helo_name,
             intent,
             tls_config,
+            credentials: credentials.clone(),
             connect_timeout: self.config.connect_timeout,
             greeting_timeout: self.config.greeting_timeout,
             command_timeout: self.config.command_timeout,
@@ -358,24 +373,23 @@ impl Outbound {
         }
     }
 
-    fn take_idle(&self, address: SocketAddr, policy: OutboundTls) -> Option<Connection> {
+    fn take_idle(&self, key: &PoolKey) -> Option<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(&(address, policy))?;
+        let list = idle.get_mut(key)?;
         let connection = list.pop().map(|idle| idle.connection);
         if list.is_empty() {
-            idle.remove(&(address, policy));
+            idle.remove(key);
         }
         connection
     }
 
     /// Keeps a connection for the next message to the same host, or closes it. A reaper
     /// closes it after `idle_timeout`.
-    async fn release(&self, mut connection: Connection, policy: OutboundTls) {
+    async fn release(&self, mut connection: Connection, key: PoolKey) {
         if self.config.idle_timeout.is_zero() {
             connection.quit().await;
             return;
         }
-        let key = (connection.address, policy);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.entry(key).or_default().push(IdleConnection { connection, since: Instant::now() });
     }
@@ -405,6 +419,14 @@ impl Outbound {
     pub fn reap_interval(&self) -> Duration {
         (self.config.idle_timeout / 2).max(Duration::from_millis(100))
     }
+}
+
+fn pool_key(
+    address: SocketAddr,
+    policy: OutboundTls,
+    credentials: &Option<Credentials>,
+) -> PoolKey {
+    (address, policy, credentials.as_ref().map(|c| c.username().to_string()))
 }
 
 /// A failed connection attempt as the result for every recipient, should no host do better.

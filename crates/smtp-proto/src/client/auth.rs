@@ -44,6 +44,11 @@ impl Credentials {
             Err(InvalidCredentials)
         }
     }
+
+    /// The user name, for logs and for telling connections of different logins apart.
+    pub fn username(&self) -> &str {
+        &self.username
+    }
 }
 
 /// The password stays out of logs: a `{:?}` of a session or its configuration shows only the
