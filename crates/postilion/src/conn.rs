@@ -278,13 +278,6 @@ impl Driver<'_> {
             session.auth_failure(reply::AUTH_UNAVAILABLE);
             return;
         };
-        // Failures from this address slow down every new attempt, so reconnecting does not
-        // skip the penalty.
-        let ip = self.facts.peer.ip();
-        let delay = self.server.abuse.auth_delay(ip, None, Instant::now());
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
         let (exchange, step) = ServerExchange::start(
             mechanism,
             request.initial_response.as_deref(),
@@ -316,12 +309,7 @@ impl Driver<'_> {
                 }
                 sasl::Step::NeedCredentials(request) => {
                     let Some(authenticator) = &self.server.authenticator else { return };
-                    let name = request.authcid().to_string();
-                    let delay = self.server.abuse.auth_delay(ip, Some(&name), Instant::now());
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    self.auth_name = Some(name);
+                    self.auth_name = Some(request.authcid().to_string());
                     let credentials = authenticator.credentials(request).await;
                     match self.exchange.as_mut() {
                         Some(exchange) => exchange.resume(credentials),

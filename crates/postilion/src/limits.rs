@@ -53,19 +53,6 @@ impl<K: std::hash::Hash + Eq + Clone> Window<K> {
         times.len()
     }
 
-    fn count(&mut self, key: &K, now: Instant) -> usize {
-        let span = self.span;
-        match self.events.get_mut(key) {
-            Some(times) => {
-                while times.front().is_some_and(|t| now.duration_since(*t) >= span) {
-                    times.pop_front();
-                }
-                times.len()
-            }
-            None => 0,
-        }
-    }
-
     fn forget(&mut self, key: &K) {
         self.events.remove(key);
     }
@@ -130,7 +117,8 @@ impl Limiter {
     /// Records a failed login from `ip` for `account` (if the client named one) and says
     /// how to answer it. The delay doubles with each failure beyond the free ones, counted
     /// by client address and by account, whichever is worse, so that neither many accounts
-    /// from one address nor one account from many addresses can be guessed at speed.
+    /// from one address nor one account from many addresses can be guessed at speed; the
+    /// counts are shared by all sessions, so reconnecting does not reset them.
     pub fn auth_failed(&self, ip: IpAddr, account: Option<&str>, now: Instant) -> AfterFailure {
         let limits = &self.limits;
         let mut state = self.state();
@@ -147,19 +135,6 @@ impl Limiter {
         }
         let worst = by_ip.max(by_account);
         AfterFailure::Delay(failure_delay(worst, limits.auth_free_failures, limits.auth_max_delay))
-    }
-
-    /// The delay before answering any login attempt for `account` from `ip`, so that a
-    /// client cannot skip the penalty by reconnecting.
-    pub fn auth_delay(&self, ip: IpAddr, account: Option<&str>, now: Instant) -> Duration {
-        let limits = &self.limits;
-        let mut state = self.state();
-        let by_ip = state.failures_by_ip.count(&ip, now);
-        let by_account = match account {
-            Some(name) => state.failures_by_account.count(&name.to_lowercase(), now),
-            None => 0,
-        };
-        failure_delay(by_ip.max(by_account), limits.auth_free_failures, limits.auth_max_delay)
     }
 
     /// A successful login clears the address's failures (the account's stay: they may come
@@ -236,8 +211,8 @@ mod tests {
         assert!(limiter.admit_connection(ip, t).is_err(), "banned");
         assert!(limiter.admit_connection(other, t).is_ok(), "others are still served");
         // The account's failures slow down guesses from another address too.
-        assert_eq!(limiter.auth_delay(other, Some("ALICE"), t), Duration::from_secs(8));
-        assert_eq!(limiter.auth_delay(other, Some("bob"), t), Duration::ZERO);
+        assert_eq!(limiter.auth_failed(other, Some("ALICE"), t), secs(8));
+        assert_eq!(limiter.auth_failed(other, Some("bob"), t), AfterFailure::Delay(Duration::ZERO));
         // The ban ends.
         assert!(limiter.admit_connection(ip, t + Duration::from_secs(301)).is_ok());
     }
@@ -247,14 +222,17 @@ mod tests {
         let limiter = Limiter::new(limits());
         let ip: IpAddr = "2001:db8::1".parse().unwrap();
         let t = Instant::now();
-        for _ in 0..4 {
+        let delay = |after| AfterFailure::Delay(Duration::from_secs(after));
+        for _ in 0..3 {
             limiter.auth_failed(ip, None, t);
         }
-        assert_eq!(limiter.auth_delay(ip, None, t), Duration::from_secs(2));
-        assert_eq!(limiter.auth_delay(ip, None, t + Duration::from_secs(600)), Duration::ZERO);
-        limiter.auth_failed(ip, None, t);
+        assert_eq!(limiter.auth_failed(ip, None, t), delay(2));
+        let later = t + Duration::from_secs(600);
+        assert_eq!(limiter.auth_failed(ip, None, later), AfterFailure::Delay(Duration::ZERO));
+        limiter.auth_failed(ip, None, later);
+        limiter.auth_failed(ip, None, later);
         limiter.auth_succeeded(ip);
-        assert_eq!(limiter.auth_delay(ip, None, t), Duration::ZERO);
+        assert_eq!(limiter.auth_failed(ip, None, later), AfterFailure::Delay(Duration::ZERO));
     }
 
     #[test]
