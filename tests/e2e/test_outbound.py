@@ -397,3 +397,53 @@ def test_deferred_mail_survives_a_restart(start_server, dns, smtp_peers):
     server.start()
     peers[0].wait_for(1, timeout=30)
     server.wait_until_queue_empty()
+
+
+def test_smart_host_with_auth_over_verified_tls(start_server, dns, tls_ca, tmp_path):
+    """Every remote domain goes to a smart host (another postilion's submission listener),
+    which requires AUTH: the relay logs in with PLAIN over STARTTLS after checking the smart
+    host's certificate against the test CA."""
+    import subprocess
+
+    from conftest import BINARY
+
+    smarthost_data = tmp_path / "smarthost"
+    subprocess.run(
+        [str(BINARY), "user", "add", "relay@localhost", "--sender", "*", "--data", str(smarthost_data)],
+        input="relay secret\n", text=True, check=True, capture_output=True, timeout=60,
+    )
+    cert = tls_ca.issue("smarthost.test")
+    smarthost = start_server(
+        listeners=[{"name": "submission", "address": "127.0.0.5:0", "role": "submission"}],
+        data_dir=smarthost_data,
+        tls={"certificate": str(cert.cert_file), "private_key": str(cert.key_file)},
+        local={"domains": ["localhost", "remote.test"]},
+    )
+    dns.add("smarthost.test", "A", "127.0.0.5")
+    secret = tmp_path / "relay.secret"
+    secret.write_text("relay secret\n")
+    secret.chmod(0o600)
+    route = {
+        "host": "smarthost.test",
+        "port": smarthost.port("submission"),
+        "tls": "verify",
+        "auth_username": "relay@localhost",
+        "auth_password_file": str(secret),
+    }
+    # No connection reuse, so that the second message logs in again.
+    outbound = {"ca_file": str(tls_ca.ca_file), "routes": {"*": route}, "idle_timeout": 0}
+    server = relay(start_server, dns, 25, outbound=outbound)
+    send(server, ["bob@remote.test"], b"Subject: via smart host\r\n\r\nbody\r\n")
+    [message] = smarthost.wait_for_messages("bob", 1)
+    assert b"with ESMTPSA id" in message, "the smart host saw an authenticated, encrypted session"
+    assert b"Subject: via smart host" in message
+    server.wait_until_queue_empty()
+    # A wrong password defers (never sends unauthenticated, never bounces at once).
+    secret.write_text("wrong\n")
+    send(server, ["carol@remote.test"])
+    time.sleep(2.5)
+    assert server.queued() == 1
+    assert "4.7.8" in server.log()
+    assert smarthost.messages("carol") == []
+    secret.write_text("relay secret\n")
+    smarthost.wait_for_messages("carol", 1, timeout=30)
