@@ -447,3 +447,25 @@ def test_smart_host_with_auth_over_verified_tls(start_server, dns, tls_ca, tmp_p
     assert smarthost.messages("carol") == []
     secret.write_text("relay secret\n")
     smarthost.wait_for_messages("carol", 1, timeout=30)
+
+
+def test_an_alias_forwards_to_a_remote_address(start_server, dns, smtp_peers):
+    peers = smtp_peers(1)
+    dns.add("example.test", "A", "127.0.0.2")
+    server = start_server(
+        listeners=[{"name": "smtp", "address": "127.0.0.1:0"}],
+        dns={"nameservers": [f"127.0.0.1:{dns.address[1]}"], "cache_size": 0},
+        outbound={"port": peers.port},
+        local={"aliases": {"team": ["carol", "bob@example.test"]}},
+    )
+    # Mail for a local alias is taken from anyone (no relay permission needed) ...
+    send(server, ["team@localhost"], b"Subject: team\r\n\r\nfor the team\r\n", sender="someone@outside.test")
+    [forwarded] = peers[0].wait_for(1)
+    assert forwarded.rcpt_tos == ["bob@example.test"]
+    assert forwarded.mail_from == "someone@outside.test"
+    assert server.wait_for_messages("carol", 1)
+    # ... but the forward target itself is not an open door.
+    with smtplib.SMTP("127.0.0.1", server.port(), timeout=20) as client:
+        client.ehlo("client.test")
+        client.mail("someone@outside.test")
+        assert client.rcpt("bob@example.test")[0] == 554

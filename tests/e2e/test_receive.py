@@ -222,7 +222,23 @@ def test_dsn_parameters_are_kept_in_the_queue_and_delivery_is_retried(start_serv
     blocker.unlink()
     [message] = server.wait_for_messages("dsn", 1)
     assert message.endswith(b"Subject: dsn\r\n\r\nx\r\n")
-    server.wait_until_queue_empty()
+    # NOTIFY=SUCCESS: the original is gone, and a "delivered" notice for the sender waits in
+    # its place (a@example.org cannot be reached from the test machine), from the null
+    # sender with NOTIFY=NEVER.
+    deadline = time.time() + 20
+    while True:
+        connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = connection.execute(
+                "SELECT envelope, address, notify FROM message JOIN recipient ON recipient.message_id = message.id"
+            ).fetchall()
+        finally:
+            connection.close()
+        if len(rows) == 1 and json.loads(rows[0][0])["sender"] == "" or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    [(envelope, address, notify)] = rows
+    assert (json.loads(envelope)["sender"], address, notify) == ("", "a@example.org", "NEVER")
 
 
 def test_size_limits(start_server):

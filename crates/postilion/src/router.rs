@@ -23,14 +23,16 @@ pub struct Router {
     mailboxes: Option<HashSet<String>>,
     catch_all: Option<String>,
     delimiter: Option<String>,
-    /// Alias name (lower case) -> targets as (local part, domain).
+    /// Alias name (lower case) -> targets as (local part, domain); targets outside the local
+    /// domains forward the mail there.
     aliases: HashMap<String, Vec<(String, String)>>,
 }
 
 /// The result of looking up a recipient.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Lookup {
-    /// Local, delivered to these final addresses (at least one).
+    /// One of our addresses, delivered to these final addresses (at least one): local
+    /// mailboxes, or remote addresses an alias forwards to.
     Local(Vec<String>),
     /// A local domain without such a user.
     NoSuchUser,
@@ -68,11 +70,8 @@ impl Router {
                     Some((local, domain)) => (local.to_lowercase(), domain.to_ascii_lowercase()),
                     None => (target.to_lowercase(), first_domain.clone()),
                 };
-                if !domains.contains(&domain) {
-                    bail!(
-                        "alias {name:?} points to {target:?}, outside the local domains; \
-                         remote alias targets need outbound delivery, which this version lacks"
-                    );
+                if local.is_empty() || domain.is_empty() {
+                    bail!("alias {name:?} points to {target:?}, which is not an address");
                 }
                 resolved.push((local, domain));
             }
@@ -188,7 +187,10 @@ impl Router {
         }
         let targets = self.aliases.get(name).map(Vec::as_slice).unwrap_or_default();
         for (local, domain) in targets {
-            if local != name && self.aliases.contains_key(local.as_str()) {
+            if !self.domains.contains(domain) {
+                // Forwarded: delivered over SMTP like any remote recipient.
+                out.insert(format!("{local}@{domain}"));
+            } else if local != name && self.aliases.contains_key(local.as_str()) {
                 self.expand_alias(local, depth + 1, out)?;
             } else if self.is_mailbox(local) || local == "postmaster" {
                 out.insert(format!("{local}@{domain}"));
@@ -270,6 +272,25 @@ mod tests {
         let config = LocalConfig { catch_all: "bob".into(), ..config };
         let router = Router::new(&config).unwrap();
         assert_eq!(router.resolve(&rcpt("carol@example.org")), local(&["bob@example.org"]));
+    }
+
+    #[test]
+    fn aliases_forward_to_remote_addresses() {
+        let config = LocalConfig {
+            aliases: [(
+                "team".to_string(),
+                vec!["alice".to_string(), "Bob@Remote.Example".to_string()],
+            )]
+            .into(),
+            ..LocalConfig::default()
+        };
+        let router = Router::new(&config).unwrap();
+        assert_eq!(
+            router.resolve(&rcpt("team@localhost")),
+            local(&["alice@localhost", "bob@remote.example"])
+        );
+        assert!(!router.is_local_address("bob@remote.example"));
+        assert!(router.is_local_address("alice@LOCALHOST"));
     }
 
     #[test]
