@@ -469,3 +469,20 @@ def test_an_alias_forwards_to_a_remote_address(start_server, dns, smtp_peers):
         client.ehlo("client.test")
         client.mail("someone@outside.test")
         assert client.rcpt("bob@example.test")[0] == 554
+
+
+def test_ipv6_and_ipv4_addresses_of_one_exchanger(start_server, dns, smtp_peers):
+    """One MX host with AAAA and A records: IPv6 first by default; when nothing answers on
+    IPv6, the IPv4 address is tried next."""
+    peers = smtp_peers(["::1", "127.0.0.2"])
+    dns.add("dual.test", "MX", (10, "mx.dual.test"))
+    dns.add("mx.dual.test", "AAAA", "::1")
+    dns.add("mx.dual.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port)
+    send(server, ["bob@dual.test"])
+    [message] = peers.by_host("::1").wait_for(1)
+    assert peers.by_host("127.0.0.2").messages == []
+    peers.by_host("::1").stop()
+    send(server, ["carol@dual.test"])
+    [message] = peers.by_host("127.0.0.2").wait_for(1)
+    assert message.rcpt_tos == ["carol@dual.test"]
