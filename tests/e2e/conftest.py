@@ -37,6 +37,11 @@ def toml_value(value):
 
 def render_config(data_dir, listeners, sections):
     lines = [f"data_dir = {toml_value(str(data_dir))}", 'hostname = "mx.test"']
+    # Top-level keys (user = ...) come before the first table.
+    for key, value in sections.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {toml_value(value)}")
+    sections = {key: value for key, value in sections.items() if isinstance(value, dict)}
     for listener in listeners:
         lines.append("[[listeners]]")
         for key, value in listener.items():

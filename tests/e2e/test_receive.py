@@ -341,3 +341,41 @@ def test_spool_and_maildir_are_private(server):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o700, path
     for path in list((server.data_dir / "spool").iterdir()) + list((server.maildir("priv") / "new").iterdir()):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+
+
+def test_root_binds_a_low_port_then_runs_as_the_configured_user(start_server):
+    """Started as root with `user = "nobody"`: the server binds port 25, gives its data
+    directory to nobody, drops privileges for good, and still receives and delivers."""
+    import os
+    import pwd
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, as the test command runs")
+    nobody = pwd.getpwnam("nobody")
+    # Outside pytest's private (0700) directories, so that nobody can reach it.
+    base = Path(tempfile.mkdtemp(prefix="postilion-drop-"))
+    base.chmod(0o711)
+    try:
+        server = start_server(
+            listeners=[{"name": "smtp", "address": "127.0.0.77:25"}],
+            data_dir=base / "data",
+            user="nobody",
+        )
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        gids = next(line for line in status.splitlines() if line.startswith("Gid:")).split()[1:]
+        assert uids == [str(nobody.pw_uid)] * 4, uids
+        assert gids == [str(nobody.pw_gid)] * 4, gids
+        assert server.port() == 25
+        with smtplib.SMTP("127.0.0.77", 25, timeout=20) as client:
+            client.sendmail("a@example.org", ["bob@localhost"], b"Subject: dropped\r\n\r\nx\r\n")
+        [message] = server.wait_for_messages("bob", 1)
+        assert message.endswith(b"Subject: dropped\r\n\r\nx\r\n")
+        for path in [base / "data", *(base / "data").rglob("*")]:
+            assert path.lstat().st_uid == nobody.pw_uid, path
+        assert "privileges dropped" in server.log()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

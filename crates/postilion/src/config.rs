@@ -17,6 +17,10 @@ pub struct Config {
     pub hostname: String,
     /// Where the spool, Maildirs and generated TLS key live. Default `postilion-data`.
     pub data_dir: PathBuf,
+    /// Started as root, the server binds its listeners, gives `data_dir` to this user (a name
+    /// from /etc/passwd or `uid:gid`) and runs as it. Unset: no change (with a warning when
+    /// running as root).
+    pub user: Option<String>,
     pub listeners: Vec<ListenerConfig>,
     pub tls: TlsConfig,
     pub limits: Limits,
@@ -611,6 +615,7 @@ impl Default for Config {
         Config {
             hostname: system_hostname(),
             data_dir: PathBuf::from("postilion-data"),
+            user: None,
             listeners: vec![ListenerConfig {
                 name: default_listener_name(),
                 address: SocketAddr::from(([127, 0, 0, 1], 2525)),

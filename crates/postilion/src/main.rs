@@ -7,6 +7,7 @@ mod delivery;
 mod limits;
 mod notify;
 mod outbound;
+mod privileges;
 mod router;
 mod server;
 mod tls;
@@ -94,16 +95,30 @@ fn main() -> anyhow::Result<()> {
             if let Some(data) = data {
                 config.data_dir = data;
             }
+            let sockets = server::bind_sockets(&config)?;
+            if privileges::running_as_root() {
+                match &config.user {
+                    Some(user) => {
+                        let account = privileges::lookup(user)?;
+                        create_private_dir(&config.data_dir)?;
+                        privileges::hand_over(&config.data_dir, account)?;
+                        // Before the runtime starts any thread.
+                        privileges::become_user(account)?;
+                        info!(user = %user, uid = account.uid, gid = account.gid, "privileges dropped");
+                    }
+                    None => warn!("running as root; set `user` to drop privileges after binding"),
+                }
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(serve(config))
+                .block_on(serve(config, sockets))
         }
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, sockets: Vec<std::net::TcpListener>) -> anyhow::Result<()> {
     create_private_dir(&config.data_dir)?;
     let data_dir = config.data_dir.canonicalize().context("resolving the data directory")?;
     let spool: Arc<dyn QueueStore> =
@@ -169,7 +184,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .iter()
         .flat_map(|a| a.mechanisms.iter().map(|m| m.name().to_string()))
         .collect();
-    let listeners = server::bind_listeners(&config, tls, &mechanisms).await?;
+    let listeners = server::listeners(&config, sockets, tls, &mechanisms)?;
     println!("data directory {}", data_dir.display());
     info!(recovered, hostname = %config.hostname, data_dir = %data_dir.display(), "postilion started");
     let grace = config.timeouts.shutdown_grace;

@@ -349,17 +349,32 @@ impl Drop for ConnectionPermit {
     }
 }
 
-/// Binds every configured listener, printing where each listens.
-pub async fn bind_listeners(
+/// Binds every configured listener's socket. Runs before the async runtime starts and
+/// before privileges are dropped, since ports below 1024 need root.
+pub fn bind_sockets(config: &Config) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    config
+        .listeners
+        .iter()
+        .map(|listener| {
+            let socket = std::net::TcpListener::bind(listener.address).with_context(|| {
+                format!("binding listener {} to {}", listener.name, listener.address)
+            })?;
+            socket.set_nonblocking(true).context("making the listening socket non-blocking")?;
+            Ok(socket)
+        })
+        .collect()
+}
+
+/// Sets up every configured listener on its bound socket, printing where each listens.
+pub fn listeners(
     config: &Config,
+    sockets: Vec<std::net::TcpListener>,
     tls: Option<Arc<rustls::ServerConfig>>,
     auth_mechanisms: &[String],
 ) -> anyhow::Result<Vec<Arc<Listener>>> {
     let mut listeners = Vec::new();
-    for listener in &config.listeners {
-        let socket = TcpListener::bind(listener.address).await.with_context(|| {
-            format!("binding listener {} to {}", listener.name, listener.address)
-        })?;
+    for (listener, socket) in config.listeners.iter().zip(sockets) {
+        let socket = TcpListener::from_std(socket).context("registering a listening socket")?;
         let acceptor = match listener.tls() {
             TlsMode::None => None,
             TlsMode::Starttls | TlsMode::Implicit => {
