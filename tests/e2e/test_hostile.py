@@ -77,12 +77,6 @@ def test_overlong_command_line(server):
 # Slow and idle clients
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="timeouts.command restarts at every read (conn.rs computes the deadline anew before "
-    "each read_buf), so a client sending one byte a second is never cut off: a 3s command "
-    "timeout still holds the connection after 7 bytes in 7 seconds",
-)
 def test_dribbling_client_is_cut_off_by_the_command_timeout(start_server):
     server = start_server(timeouts={"command": "3s"})
     raw = RawClient(server.port())
@@ -272,12 +266,6 @@ def test_gigabyte_line_keeps_memory_bounded(server, capsys):
     served(server)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README says an overlong DATA line 'is discarded as it arrives' and does not grow "
-    "memory, but DataDecoder::emit keeps appending it to the message body up to "
-    "limits.message_size: a 32 MiB line grows RSS by about 28 MiB before the 550 5.6.0",
-)
 def test_overlong_data_line_is_discarded_as_it_arrives(start_server, capsys):
     server = start_server(limits={"message_size": "64M"})
     raw = open_transaction(server.port())
@@ -590,23 +578,12 @@ def send_with_c1_controls(server):
     return message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="C1 controls (U+0080-U+009F) in an SMTPUTF8 sender or recipient tag are stored raw "
-    "in Return-Path and Delivered-To (only the Received header is sanitized)",
-)
 def test_c1_controls_in_addresses_never_reach_a_stored_header(server):
     message = send_with_c1_controls(server)
     if message is not None:
         assert raw_controls_in_header(message) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="C1 controls in addresses reach the log raw: the recipient in 'delivered to maildir' "
-    "and 'delivery failed', and 'to' in 'delivery status notification queued', are logged "
-    "with Display (%), not escaped like the sender in 'message accepted'",
-)
 def test_c1_controls_in_addresses_never_reach_the_log(server):
     send_with_c1_controls(server)
     assert raw_controls_in_log(server) == []

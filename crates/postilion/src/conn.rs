@@ -153,12 +153,20 @@ impl Driver<'_> {
         let timeouts = &self.server.config.timeouts;
         let mut shutdown = self.server.shutdown.clone();
         let mut buf: Vec<u8> = Vec::with_capacity(READ_BUFFER);
+        // When the command being waited for is due: set once per command, so a client that
+        // dribbles a line byte by byte is cut off all the same (RFC 5321 section 4.5.3.2.7
+        // is a limit on the wait for a command, not on the gap between two bytes).
+        let mut command_deadline: Option<tokio::time::Instant> = None;
         loop {
+            // A command was completed (it got a reply or raised an event) or DATA started: the
+            // next wait is a new one.
+            let mut progressed = false;
             // Use everything buffered, answering events as they come.
             let mut start = 0;
             loop {
                 let (used, event) = session.feed(&buf[start..]);
                 start += used;
+                progressed |= !matches!(event, Event::NeedInput);
                 match event {
                     Event::NeedInput => break,
                     Event::Mail => {
@@ -206,6 +214,7 @@ impl Driver<'_> {
                     }
                 }
             }
+            progressed |= !session.output().is_empty();
             buf.clear();
             if self.shutting_down.is_some() && !session.in_data() {
                 session.send(reply::SHUTTING_DOWN.and_close());
@@ -213,8 +222,17 @@ impl Driver<'_> {
                 return Ok(Ended::Closed("shutdown"));
             }
             flush(stream, session).await?;
-            let idle = if session.in_data() { timeouts.data } else { timeouts.command };
-            let mut deadline = tokio::time::Instant::now() + idle;
+            let now = tokio::time::Instant::now();
+            let mut deadline = if session.in_data() {
+                // README: the data timeout is the wait for more message data.
+                command_deadline = None;
+                now + timeouts.data
+            } else {
+                if progressed || command_deadline.is_none() {
+                    command_deadline = Some(now + timeouts.command);
+                }
+                command_deadline.unwrap_or(now + timeouts.command)
+            };
             if let Some(grace_end) = self.shutting_down {
                 deadline = deadline.min(grace_end);
             }

@@ -363,7 +363,7 @@ impl Deliverer {
             .map(|(i, address, result)| {
                 let attempt = match result {
                     Ok(path) => {
-                        info!(queue_id = %job.id, recipient = %address, path = %path.display(), result = "delivered", "delivered to maildir");
+                        info!(queue_id = %job.id, recipient = ?address, path = %path.display(), result = "delivered", "delivered to maildir");
                         Attempt::Delivered {
                             detail: "delivered to maildir".into(),
                             remote_host: None,
@@ -402,7 +402,7 @@ impl Deliverer {
                 if !permanent && age < self.config.max_lifetime {
                     let delay =
                         backoff(self.config.retry_initial, self.config.retry_max, attempts - 1);
-                    warn!(queue_id = %job.id, recipient = %address, attempts, retry_in = delay.as_secs(), error = %why, result = "deferred", "delivery deferred");
+                    warn!(queue_id = %job.id, recipient = ?address, attempts, retry_in = delay.as_secs(), error = %why, result = "deferred", "delivery deferred");
                     let already_notified = matches!(
                         job.recipients[index].status,
                         RecipientStatus::Deferred { delay_notified: true, .. }
@@ -430,7 +430,7 @@ impl Deliverer {
                     )
                 };
                 let why = describe_failure(status, &reason, remote_reply.as_deref());
-                error!(queue_id = %job.id, recipient = %address, attempts, error = %why, result = "failed", "delivery failed");
+                error!(queue_id = %job.id, recipient = ?address, attempts, error = %why, result = "failed", "delivery failed");
                 (
                     RecipientStatus::Failed { at: now, error: why },
                     Attempt::Failed { permanent: true, status, reason, remote_reply, remote_host },

@@ -186,7 +186,7 @@ impl Notifier {
                     content: notification.message,
                 })
                 .await?;
-            info!(queue_id = %id, notice = %notice_id, kind = %kind, to = %envelope.sender, "delivery status notification queued");
+            info!(queue_id = %id, notice = %notice_id, kind = %kind, to = ?envelope.sender, "delivery status notification queued");
             queue.submit(notice_id, notice_envelope, vec![recipient]);
         }
         Ok(())

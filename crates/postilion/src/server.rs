@@ -69,7 +69,7 @@ impl Server {
             };
             let restrict = self.authenticator.as_ref().is_some_and(|a| a.restrict_senders);
             if restrict && !account.may_send_as(&sender) {
-                warn!(user = %account.name, sender = %sender, "sender refused: not owned by the user");
+                warn!(user = %account.name, sender = ?sender, "sender refused: not owned by the user");
                 return Err(Reply::owned(
                     553,
                     EnhancedStatus(5, 7, 1),

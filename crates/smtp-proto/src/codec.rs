@@ -178,8 +178,12 @@ impl DataDecoder {
                     let rest = &input[i..];
                     let run = rest.iter().position(|&b| b == b'\r' || b == b'\n');
                     let n = run.unwrap_or(rest.len());
-                    self.emit(body, &rest[..n]);
                     self.line_len += n;
+                    // Known too long before its end: the line is not kept (see `emit`).
+                    if self.max_line != 0 && self.line_len > self.max_line {
+                        self.line_too_long = true;
+                    }
+                    self.emit(body, &rest[..n]);
                     i += n;
                     if run.is_some() {
                         if input[i] == b'\r' {
@@ -282,6 +286,12 @@ impl DataDecoder {
         self.size += bytes.len() as u64;
         if self.size > self.max_size {
             self.too_big = true;
+        } else if self.line_too_long {
+            // The message will be refused at its end: nothing of it needs keeping, and an
+            // endless line must not grow memory up to the size limit.
+            if body.capacity() != 0 {
+                *body = Vec::new();
+            }
         } else {
             body.extend_from_slice(bytes);
         }
@@ -476,6 +486,20 @@ mod tests {
         assert_eq!(decoder.decode(b".\r\n", &mut body), DataProgress::End { consumed: 3 });
         assert!(body.len() <= 10);
         assert_eq!(decoder.defect(), Some(DataDefect::TooBig));
+    }
+
+    #[test]
+    fn an_overlong_line_is_not_kept() {
+        let mut decoder = DataDecoder::new(BareLineEndings::Reject, u64::MAX, 1000);
+        let mut body = Vec::new();
+        decoder.decode(b"Subject: x\r\n\r\n", &mut body);
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..64 {
+            assert_eq!(decoder.decode(&chunk, &mut body), DataProgress::NeedMore);
+            assert!(body.capacity() < 4096, "4 MiB of one line must not be held");
+        }
+        assert_eq!(decoder.decode(b"\r\n.\r\n", &mut body), DataProgress::End { consumed: 5 });
+        assert_eq!(decoder.defect(), Some(DataDefect::LineTooLong));
     }
 
     #[test]

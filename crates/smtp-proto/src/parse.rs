@@ -112,6 +112,12 @@ fn command_line(line: &[u8]) -> Result<&str, CommandError> {
     }
     // RFC 6531 section 3.3: anything above 0x7F must be UTF-8.
     let text = std::str::from_utf8(line).map_err(|_| CommandError::InvalidCharacters)?;
+    // The C1 controls (U+0080 to U+009F) are UTF-8 too, but control terminals and logs like
+    // their ASCII cousins (U+009B is CSI); no address or domain needs them (RFC 6532 section
+    // 3.1 builds on Unicode text, and RFC 5198 excludes controls from interchange).
+    if text.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c)) {
+        return Err(CommandError::InvalidCharacters);
+    }
     // RFC 5321 section 4.1.1: receivers SHOULD tolerate trailing white space.
     Ok(text.trim_end_matches([' ', '\t']))
 }
@@ -1237,6 +1243,9 @@ mod tests {
             b"\xff",
             b"RCPT TO:<a@b> NOTIFY=\xfe",
             b"NOOP \xc0\xaf",
+            // C1 controls: U+009B (CSI) and U+0085 (NEL).
+            b"MAIL FROM:<s\xc2\x9b31m@b> SMTPUTF8",
+            b"RCPT TO:<a+\xc2\x85@b>",
         ];
         for line in lines {
             assert_eq!(

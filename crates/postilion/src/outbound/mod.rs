@@ -290,7 +290,7 @@ impl Outbound {
             .map(|((index, recipient), result)| {
                 let attempt = match result {
                     RecipientResult::Accepted(reply) => {
-                        info!(queue_id = %id, recipient = %recipient.address, host = %host, address = %connection.address, tls, reply = %reply, result = "delivered", "relayed");
+                        info!(queue_id = %id, recipient = ?recipient.address, host = %host, address = %connection.address, tls, reply = %reply, result = "delivered", "relayed");
                         Attempt::Delivered {
                             detail: reply.to_string(),
                             remote_host: Some(host.clone()),
