@@ -821,6 +821,10 @@ fn envid_value(value: Option<&str>) -> Result<String, CommandError> {
 fn auth_value(value: Option<&str>, limits: &AddressLimits) -> Result<ReversePath, CommandError> {
     let invalid = CommandError::InvalidParameterValue("AUTH");
     let decoded = xtext(required_value(value, "AUTH")?).ok_or_else(|| invalid.clone())?;
+    // Decoded hexchars could carry the C1 controls that `command_line` refuses on the wire.
+    if decoded.chars().any(char::is_control) {
+        return Err(invalid);
+    }
     if decoded == "<>" {
         return Ok(ReversePath::Null);
     }
@@ -1745,6 +1749,22 @@ mod tests {
         ]);
         let long = format!("MAIL FROM:<a@b> AUTH={}@b", "l".repeat(65));
         assert_eq!(parse(&long), invalid_value("AUTH"), "the local part limit applies");
+    }
+
+    /// Found by the `address` fuzz target: a C1 control (U+0087), refused in a command line,
+    /// reached the parsed AUTH= mailbox through xtext hexchars.
+    #[test]
+    fn mail_auth_parameter_refuses_decoded_control_characters() {
+        check(&[
+            ("MAIL FROM:<a@b> AUTH=zx0+C2+87+E6+85+87@x", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=a@b+C2+9B", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=\"a+C2+85b\"@x", invalid_value("AUTH")),
+            ("MAIL FROM:<a@b> AUTH=a+7F@x", invalid_value("AUTH")),
+            (
+                "MAIL FROM:<a@b> AUTH=+C2+A0a@x",
+                mail_params(|m| m.auth = Some(ReversePath::Mailbox(mailbox("\u{a0}a", name("x"))))),
+            ),
+        ]);
     }
 
     #[test]
