@@ -1,0 +1,5 @@
+#![no_main]
+
+mod counting_allocator;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_targets::client_reply(data));
