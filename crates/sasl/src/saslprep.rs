@@ -54,13 +54,26 @@ pub(crate) fn prepare_identity(
             format!("{what} of {} octets, more than {MAX_IDENTITY_LEN}", identity.len()),
         ));
     }
-    saslprep(identity).map(Cow::into_owned).map_err(|error| {
+    let prepared = saslprep(identity).map(Cow::into_owned).map_err(|error| {
         AuthError::new(
             AuthErrorKind::InvalidCredentials,
             mechanism,
             format!("{what} {identity:?} refused by SASLprep: {error}"),
         )
-    })
+    })?;
+    // NFKC can lengthen a name (U+FDFA alone becomes 18 characters), so the bound holds for
+    // what the caller looks up too.
+    if prepared.len() > MAX_IDENTITY_LEN {
+        return Err(AuthError::new(
+            AuthErrorKind::TooLong,
+            mechanism,
+            format!(
+                "{what} of {} octets after SASLprep, more than {MAX_IDENTITY_LEN}",
+                prepared.len()
+            ),
+        ));
+    }
+    Ok(prepared)
 }
 
 #[cfg(test)]
@@ -109,5 +122,17 @@ mod tests {
         assert_eq!(prepare_identity(Mechanism::Plain, "authcid", &longest).unwrap(), longest);
         let error = prepare_identity(Mechanism::Login, "user name", "a\u{7}").unwrap_err();
         assert_eq!(error.kind(), AuthErrorKind::InvalidCredentials);
+    }
+
+    /// A bound the `sasl` fuzz target checks: 85 U+FDFA (255 octets) came out of SASLprep as
+    /// a 2805-octet identity.
+    #[test]
+    fn identities_are_bounded_after_saslprep() {
+        let expanding = "\u{FDFA}".repeat(85);
+        assert_eq!(expanding.len(), MAX_IDENTITY_LEN);
+        assert!(saslprep(&expanding).unwrap().len() > MAX_IDENTITY_LEN);
+        let error = prepare_identity(Mechanism::Plain, "authcid", &expanding).unwrap_err();
+        assert_eq!(error.kind(), AuthErrorKind::TooLong);
+        assert_eq!(prepare_identity(Mechanism::Plain, "authcid", "\u{FDFA}").unwrap().len(), 33);
     }
 }

@@ -302,13 +302,25 @@ fn prepare_name(what: &str, name: &str) -> Result<String, AuthError> {
             format!("{what} of {} octets, more than {MAX_IDENTITY_LEN}", name.len()),
         ));
     }
-    saslprep(name).map(|name| name.into_owned()).map_err(|reason| {
+    let prepared = saslprep(name).map(|name| name.into_owned()).map_err(|reason| {
         error(
             AuthErrorKind::InvalidCredentials,
             ScramError::InvalidUsernameEncoding,
             format!("{what} {name:?} refused by SASLprep: {reason}"),
         )
-    })
+    })?;
+    // NFKC can lengthen a name; the bound holds for what the caller looks up too.
+    if prepared.len() > MAX_IDENTITY_LEN {
+        return Err(error(
+            AuthErrorKind::TooLong,
+            ScramError::InvalidUsernameEncoding,
+            format!(
+                "{what} of {} octets after SASLprep, more than {MAX_IDENTITY_LEN}",
+                prepared.len()
+            ),
+        ));
+    }
+    Ok(prepared)
 }
 
 /// Optional extensions (`attr-val = ALPHA "=" value`) are ignored, as RFC 5802 section 7 says
@@ -446,6 +458,19 @@ mod tests {
 
         // SASLprep of the user name: the lookup uses the prepared form.
         assert_eq!(first("n,,n=I\u{00AD}X,r=abc").unwrap().authcid, "IX");
+    }
+
+    /// A bound the `sasl` fuzz target checks: SASLprep lengthened a 255-octet name (85
+    /// U+FDFA) to 2805 octets, past the bound on what the caller looks up.
+    #[test]
+    fn names_are_bounded_after_saslprep() {
+        let expanding = "\u{FDFA}".repeat(85);
+        for message in [format!("n,,n={expanding},r=abc"), format!("n,a={expanding},n=u,r=abc")] {
+            assert_eq!(
+                first(&message).err(),
+                Some((AuthErrorKind::TooLong, Some(ScramError::InvalidUsernameEncoding)))
+            );
+        }
     }
 
     #[test]
