@@ -1,8 +1,10 @@
 //! `sasl`: the SASL line decoders and [`ServerExchange`] for each mechanism, fed arbitrary
 //! client lines, with the user database answering both ways.
 //!
-//! Input: one octet of settings, then LF-separated client lines, base64 as on the wire (the
-//! first one is the AUTH command's initial response when the settings say so).
+//! Input: one octet of settings, one octet of format, then LF-separated client lines (the
+//! first one is the AUTH command's initial response when the settings say so). With format
+//! bit 0 the lines are base64 as on the wire, `*` cancelling; without it they are the decoded
+//! responses themselves, which mutate better.
 //!
 //! Settings bits: 0-1 the mechanism (PLAIN, LOGIN, SCRAM-SHA-256, CRAM-MD5), 2 an initial
 //! response, 3 the database knows alice (password "secret"), 4 CRAM-MD5 enabled, 5 alice may
@@ -270,6 +272,7 @@ pub(crate) fn check_line_decoders(line: &[u8]) {
 pub fn sasl(data: &[u8]) {
     let mut bytes = Bytes::new(data);
     let flags = bytes.byte();
+    let wire = bytes.byte() & 1 != 0;
     let mechanism =
         [Mechanism::Plain, Mechanism::Login, Mechanism::ScramSha256, Mechanism::CramMd5]
             [usize::from(flags & 3)];
@@ -288,13 +291,13 @@ pub fn sasl(data: &[u8]) {
     let mut lines = lines.into_iter();
     let mut transcript = Transcript::default();
 
-    let initial_response = if initial {
-        match decode_initial_response(lines.next().unwrap_or_default()) {
+    let initial_response = match (initial, wire) {
+        (false, _) => None,
+        (true, false) => Some(lines.next().unwrap_or_default().to_vec()),
+        (true, true) => match decode_initial_response(lines.next().unwrap_or_default()) {
             Ok(response) => Some(response),
             Err(_) => return,
-        }
-    } else {
-        None
+        },
     };
     if let Some(response) = &initial_response {
         transcript.responses.push(response.clone());
@@ -331,10 +334,15 @@ pub fn sasl(data: &[u8]) {
                         }
                         None => return,
                     }
-                } else {
+                } else if wire {
                     match decode_response(lines.next().unwrap_or(b"*")) {
                         Ok(Response::Data(response)) => response,
                         Ok(Response::Cancel) | Err(_) => return,
+                    }
+                } else {
+                    match lines.next() {
+                        Some(response) => response.to_vec(),
+                        None => return,
                     }
                 };
                 transcript.responses.push(response.clone());
