@@ -59,12 +59,6 @@ def scram_login(client, user, password):
 # Relay policy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="conn.rs keeps Driver.account across STARTTLS while ServerSession::tls_started forgets "
-    "the identity: the TLS session is unauthenticated (AUTH is allowed again, no ESMTPSA) but "
-    "check_rcpt still sees the pre-TLS account and grants relaying",
-)
 def test_relay_permission_from_auth_before_starttls_does_not_survive_it(start_server, tmp_path):
     data = tmp_path / "data"
     add_user(data, "alice@localhost", "--sender", "*")
@@ -155,11 +149,6 @@ def test_outsiders_cannot_relay_through_catch_all_aliases_pipelining_bdat_or_res
 # Outbound: MX resolution, routes, TLS policy, timeouts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbound/dns.rs exchangers() returns the LAST host's error: a SERVFAIL for the best "
-    "MX followed by an NXDOMAIN for a worse one makes the whole domain a permanent 5.1.2 bounce",
-)
 def test_temporary_failure_of_the_best_mx_is_not_turned_into_a_bounce(start_server, dns, smtp_peers):
     dns.add("example.test", "MX", (10, "mx1.example.test"))
     dns.add("example.test", "MX", (20, "gone.example.test"))  # stale record: NXDOMAIN
@@ -173,12 +162,6 @@ def test_temporary_failure_of_the_best_mx_is_not_turned_into_a_bounce(start_serv
     assert server.queued() == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbound pool key is (address, policy, user) without the host name: a connection "
-    "verified for mx.good.test is reused for another domain whose MX name the certificate "
-    "does not cover, so tls = verify is bypassed",
-)
 def test_verify_policy_is_not_bypassed_by_a_pooled_connection(start_server, dns, smtp_peers, tls_ca):
     peers = smtp_peers(1, hostnames=["mx.good.test"], certificate=tls_ca.issue("mx.good.test"))
     dns.add("good.test", "MX", (10, "mx.good.test"))
@@ -212,12 +195,6 @@ def test_verify_policy_refuses_a_name_mismatch_on_a_fresh_connection(start_serve
     assert "4.7.4" in server.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbound/mod.rs next_hop looks routes up with the lower-cased domain but config.rs "
-    "keeps route keys as written: a route for \"Partner.Test\" (or \"partner.test.\") is "
-    "silently ignored and the mail goes to the MX under the default TLS policy",
-)
 def test_route_keys_are_matched_case_insensitively(start_server, dns, smtp_peers):
     routed = smtp_peers(["127.0.0.3"])
     mx_host = smtp_peers(["127.0.0.2"], port=routed.port)
@@ -236,16 +213,7 @@ def test_route_keys_are_matched_case_insensitively(start_server, dns, smtp_peers
     "helo_name",
     [
         None,
-        pytest.param(
-            "out.mx.test",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="outbound/mod.rs builds MxResolver with helo_name, so RFC 5321 5.1's "
-                "own-host check compares MX names with outbound.helo_name rather than the "
-                "server's hostname; with the two different, mail for a domain whose MX is this "
-                "host is relayed back to itself",
-            ),
-        ),
+        "out.mx.test",
     ],
 )
 def test_own_hostname_as_mx_is_detected(start_server, dns, helo_name):
@@ -352,12 +320,6 @@ class RawPeer:
         self.thread.join(5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbound/mod.rs applies data_block_timeout to the write of the whole message, not to "
-    "each send (RFC 5321 4.5.3.2.5): a peer that keeps reading, only slowly, never gets a "
-    "large message, and every retry fails the same way until it bounces",
-)
 def test_a_slow_but_steady_reader_gets_a_large_message(start_server, dns):
     peer = RawPeer()
     try:
@@ -373,12 +335,6 @@ def test_a_slow_but_steady_reader_gets_a_large_message(start_server, dns):
         peer.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="smtp-proto client Transaction::on_reply turns a 421 to MAIL into per-recipient "
-    "failures without setting mail_failure, so outbound/mod.rs transfer() never tries the next "
-    "MX (README: a 4xx to MAIL moves on to the next host); the mail waits for the broken host",
-)
 def test_a_421_to_mail_moves_on_to_the_next_mx(start_server, dns, smtp_peers):
     closing = RawPeer(mail_reply="421 4.3.2 Shutting down")
     try:
@@ -506,12 +462,6 @@ def test_notify_success_on_a_multi_member_alias_reports_expanded(start_server):
     assert [(r["Final-Recipient"], r["Action"]) for r in recipients] == [("rfc822; team@localhost", "expanded")], recipients
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.rs final_recipients de-duplicates by address.to_lowercase(): remote local "
-    "parts are case-sensitive (RFC 5321 2.4), so Bob@ and bob@ at a remote domain become one "
-    "recipient although both got 250",
-)
 def test_remote_recipients_differing_in_case_are_both_delivered(start_server, dns, smtp_peers):
     peers = smtp_peers(1)
     dns.add("example.test", "A", "127.0.0.2")
@@ -521,12 +471,6 @@ def test_remote_recipients_differing_in_case_are_both_delivered(start_server, dn
     assert sorted(message.rcpt_tos) == ["Bob@example.test", "bob@example.test"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="delivery.rs start(): one in_flight semaphore (workers + outbound.concurrency) is "
-    "taken by the dispatcher loop before a job is even looked at, so jobs stuck on slow remote "
-    "hosts hold every permit and local deliveries (bounces included) wait behind them",
-)
 def test_local_delivery_is_not_held_up_by_slow_remote_hosts(start_server, dns):
     silent = socket.socket()
     silent.bind(("127.0.0.2", 0))
@@ -553,12 +497,6 @@ def test_local_delivery_is_not_held_up_by_slow_remote_hosts(start_server, dns):
         silent.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="router.rs: local.domains entries are trimmed of a trailing dot but alias targets "
-    "(and the first domain used for bare targets) are not, and mailbox_for() does not trim: "
-    "with domains = [\"localhost.\"] mail to an alias is taken with 250, then bounced 5.1.1",
-)
 def test_aliases_work_when_a_local_domain_is_written_with_a_trailing_dot(start_server):
     server = start_server(
         listeners=[{"name": "smtp", "address": "127.0.0.1:0"}],
@@ -570,12 +508,6 @@ def test_aliases_work_when_a_local_domain_is_written_with_a_trailing_dot(start_s
     assert server.messages("alice") == [], "bounced"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.rs accepts any hostname without white space, but dsn's is_host_name refuses "
-    "e.g. a trailing dot; notify.rs then logs 'cannot build' and skips the notice while "
-    "delivery.rs records the failure: every bounce is silently lost",
-)
 def test_a_hostname_the_notices_cannot_use_is_refused_or_bounces_still_arrive(tmp_path, dns):
     from conftest import DEFAULT_LISTENERS, Server, render_config
 

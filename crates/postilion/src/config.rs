@@ -644,18 +644,37 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        let config: Config = toml::from_str(&text)
+        let mut config: Config = toml::from_str(&text)
             .with_context(|| format!("parsing config file {}", path.display()))?;
+        config.normalize().with_context(|| format!("checking config file {}", path.display()))?;
         config.check().with_context(|| format!("checking config file {}", path.display()))?;
         Ok(config)
     }
 
+    /// Writes names the one way the code compares them: host and domain names without a
+    /// trailing dot, route keys in lower case (domains are compared case-insensitively, RFC
+    /// 5321 section 2.4).
+    pub fn normalize(&mut self) -> anyhow::Result<()> {
+        self.hostname = self.hostname.trim_end_matches('.').to_string();
+        let mut routes = BTreeMap::new();
+        for (domain, route) in std::mem::take(&mut self.outbound.routes) {
+            let key = domain.trim_end_matches('.').to_ascii_lowercase();
+            if routes.insert(key.clone(), route).is_some() {
+                bail!("outbound.routes has {key:?} twice (names are compared without case)");
+            }
+        }
+        self.outbound.routes = routes;
+        Ok(())
+    }
+
     /// Catches what serde cannot: values out of range and references that do not resolve.
     pub fn check(&self) -> anyhow::Result<()> {
-        if self.hostname.is_empty()
-            || self.hostname.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            bail!("hostname {:?} is not a host name", self.hostname);
+        if !is_host_name(&self.hostname) {
+            // It names us in Received fields, EHLO, bounces and their Message-IDs.
+            bail!(
+                "hostname {:?} is not a host name (letters, digits, hyphens, dots)",
+                self.hostname
+            );
         }
         if self.listeners.is_empty() {
             bail!("at least one [[listeners]] entry is needed");
@@ -742,13 +761,27 @@ impl Config {
     }
 }
 
-/// The kernel's host name, or `localhost`.
+/// The kernel's host name if it is a usable one, or `localhost`.
 pub fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
-        .map(|name| name.trim().to_string())
-        .filter(|name| !name.is_empty())
+        .map(|name| name.trim().trim_end_matches('.').to_string())
+        .filter(|name| is_host_name(name))
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// RFC 1123 host name syntax: dot-separated labels of letters, digits and inner hyphens,
+/// each at most 63 octets, at most 253 in all, no trailing dot.
+pub fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// Parses `30s`, `5m`, `2h`, `5d`, `250ms` or a bare number of seconds.
@@ -895,6 +928,29 @@ mod tests {
         config.check().expect("aliases may forward to remote addresses");
         let config: Config = toml::from_str("[local]\naliases = { a = [\"@x\"] }").unwrap();
         assert!(config.check().is_err(), "not an address");
+    }
+
+    #[test]
+    fn names_are_normalized_and_checked() {
+        let mut config: Config = toml::from_str(
+            "hostname = \"mx.example.org.\"\n\
+             [outbound.routes.\"Partner.Example.\"]\nhost = \"relay.example\"",
+        )
+        .unwrap();
+        config.normalize().unwrap();
+        config.check().unwrap();
+        assert_eq!(config.hostname, "mx.example.org");
+        assert!(config.outbound.routes.contains_key("partner.example"));
+        let mut twice: Config = toml::from_str(
+            "[outbound.routes.\"a.example\"]\nhost = \"x\"\n\
+             [outbound.routes.\"A.example\"]\nhost = \"y\"",
+        )
+        .unwrap();
+        assert!(twice.normalize().is_err());
+        for bad in ["", "mx..example", "-mx.example", "mx_1.example", "mx example"] {
+            assert!(!is_host_name(bad), "{bad:?}");
+        }
+        assert!(is_host_name("mx-1.example"));
     }
 
     #[test]

@@ -134,6 +134,11 @@ impl Driver<'_> {
         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
                 self.facts.tls = Some(crate::tls::describe(tls.get_ref().1));
+                // RFC 3207 section 4.2: nothing learned before TLS carries over, the login
+                // included (the session forgets its identity in `tls_started`).
+                self.account = None;
+                self.exchange = None;
+                self.auth_name = None;
                 Ok(tls)
             }
             Ok(Err(error)) => {

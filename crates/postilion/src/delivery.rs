@@ -93,6 +93,12 @@ impl DeliveryQueue {
     }
 }
 
+/// How many jobs may deliver at once, locally and over SMTP.
+struct Slots {
+    local: Semaphore,
+    remote: Semaphore,
+}
+
 /// Everything the queue manager needs.
 pub struct Deliverer {
     pub spool: Arc<dyn QueueStore>,
@@ -112,10 +118,13 @@ pub fn start(
     let (jobs, mut receiver) = mpsc::unbounded_channel::<Job>();
     let queue = DeliveryQueue { jobs };
     let deliverer = Arc::new(deliverer);
-    // Bounds the messages held in memory at once: local writers plus remote connections.
-    let in_flight =
-        Arc::new(Semaphore::new(deliverer.config.workers + deliverer.outbound.concurrency()));
-    let local_slots = Arc::new(Semaphore::new(deliverer.config.workers));
+    // Separate bounds for local and remote work, so slow remote hosts never hold up local
+    // delivery or bounces; a job waits for its slots before it loads the message, so waiting
+    // jobs cost no more than their envelope.
+    let slots = Arc::new(Slots {
+        local: Semaphore::new(deliverer.config.workers),
+        remote: Semaphore::new(deliverer.outbound.concurrency()),
+    });
     let handle = {
         let queue = queue.clone();
         let mut shutdown = shutdown;
@@ -127,13 +136,17 @@ pub fn start(
                     _ = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => None,
                 };
                 let Some(job) = job else { break };
-                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
                 let deliverer = deliverer.clone();
                 let queue = queue.clone();
-                let local_slots = local_slots.clone();
+                let slots = slots.clone();
+                let mut stopping = shutdown.clone();
                 running.spawn(async move {
-                    let _permit = permit;
-                    deliverer.deliver(job, &queue, &local_slots).await;
+                    // A job still waiting for a slot at shutdown stays in the spool for the
+                    // next start.
+                    tokio::select! {
+                        _ = deliverer.deliver(job, &queue, &slots) => {}
+                        _ = async { let _ = stopping.wait_for(|stopping| *stopping).await; } => {}
+                    }
                 });
                 // Reap finished deliveries so the set does not grow.
                 while running.try_join_next().is_some() {}
@@ -186,7 +199,7 @@ fn domain_of(address: &str) -> String {
 }
 
 impl Deliverer {
-    async fn deliver(&self, mut job: Job, queue: &DeliveryQueue, local_slots: &Semaphore) {
+    async fn deliver(&self, mut job: Job, queue: &DeliveryQueue, slots: &Slots) {
         let now = SystemTime::now();
         let due: Vec<usize> = job
             .recipients
@@ -205,6 +218,17 @@ impl Deliverer {
             }
             return;
         }
+        let (local, remote): (Vec<usize>, Vec<usize>) =
+            due.iter().partition(|&&i| self.router.is_local_address(&job.recipients[i].address));
+        // Always in this order, so two jobs never wait for each other's slots.
+        let _local_slot = match local.is_empty() {
+            true => None,
+            false => slots.local.acquire().await.ok(),
+        };
+        let _remote_slot = match remote.is_empty() {
+            true => None,
+            false => slots.remote.acquire().await.ok(),
+        };
         let content = match self.spool.load_content(job.id).await {
             Ok(content) => Arc::new(content),
             Err(error) => {
@@ -213,20 +237,28 @@ impl Deliverer {
                 return;
             }
         };
-        let (local, remote): (Vec<usize>, Vec<usize>) = due
-            .into_iter()
-            .partition(|&i| self.router.is_local_address(&job.recipients[i].address));
         let (mut attempts, remote_attempts) = tokio::join!(
             async {
-                if local.is_empty() {
-                    return Vec::new();
+                match local.is_empty() {
+                    true => Vec::new(),
+                    false => self.deliver_local(&job, &local, content.clone()).await,
                 }
-                let _slot = local_slots.acquire().await;
-                self.deliver_local(&job, &local, content.clone()).await
             },
             self.deliver_remote(&job, &remote, content.clone())
         );
         attempts.extend(remote_attempts);
+        // A recipient whose attempt produced no result (a task that failed) is tried again
+        // later like any temporary failure, never left to loop at once.
+        for &index in &due {
+            if !attempts.iter().any(|(i, _)| *i == index) {
+                let attempt = Attempt::failed(
+                    false,
+                    EnhancedStatus(4, 3, 0),
+                    "delivery attempt did not finish",
+                );
+                attempts.push((index, attempt));
+            }
+        }
         let now = SystemTime::now();
         let mut updates = Vec::with_capacity(attempts.len());
         let mut reports = Vec::new();

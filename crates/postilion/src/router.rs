@@ -60,14 +60,20 @@ impl Router {
         let catch_all = (!config.catch_all.is_empty()).then(|| config.catch_all.to_lowercase());
         let delimiter =
             (!config.recipient_delimiter.is_empty()).then(|| config.recipient_delimiter.clone());
-        let first_domain =
-            config.domains.first().context("local.domains is empty")?.to_ascii_lowercase();
+        let first_domain = config
+            .domains
+            .first()
+            .context("local.domains is empty")?
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         let mut aliases = HashMap::new();
         for (name, targets) in &config.aliases {
             let mut resolved = Vec::new();
             for target in targets {
                 let (local, domain) = match target.rsplit_once('@') {
-                    Some((local, domain)) => (local.to_lowercase(), domain.to_ascii_lowercase()),
+                    Some((local, domain)) => {
+                        (local.to_lowercase(), domain.trim_end_matches('.').to_ascii_lowercase())
+                    }
                     None => (target.to_lowercase(), first_domain.clone()),
                 };
                 if local.is_empty() || domain.is_empty() {
@@ -151,7 +157,7 @@ impl Router {
     /// The mailbox a final address (from [`Router::resolve`]) delivers to.
     pub fn mailbox_for(&self, address: &str) -> Option<String> {
         let (local_part, domain) = address.rsplit_once('@')?;
-        if !self.domains.contains(&domain.to_ascii_lowercase()) {
+        if !self.domains.contains(&domain.trim_end_matches('.').to_ascii_lowercase()) {
             return None;
         }
         let key = local_part.to_lowercase();

@@ -246,7 +246,16 @@ impl Server {
                 ForwardPath::Mailbox(mailbox) => mailbox.to_string(),
             };
             for address in addresses {
-                if seen.insert(address.to_lowercase()) {
+                // Our mailboxes ignore case; a remote local part's case is the remote
+                // host's to interpret (RFC 5321 section 2.4).
+                let key = match self.router.is_local_address(&address) {
+                    true => address.to_lowercase(),
+                    false => match address.rsplit_once('@') {
+                        Some((local, domain)) => format!("{local}@{}", domain.to_lowercase()),
+                        None => address.clone(),
+                    },
+                };
+                if seen.insert(key) {
                     out.push(Recipient {
                         address,
                         original: original.clone(),

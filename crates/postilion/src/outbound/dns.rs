@@ -84,7 +84,9 @@ pub fn order_exchangers(
         .map(|(preference, exchange)| (*preference, random(), normalize(exchange)))
         .collect();
     ordered.sort();
-    ordered.dedup_by(|a, b| a.2 == b.2);
+    // A host listed twice is tried once, at its best preference.
+    let mut seen = std::collections::HashSet::new();
+    ordered.retain(|(_, _, host)| seen.insert(host.clone()));
     let own = normalize(own_hostname);
     if let Some(own_preference) =
         ordered.iter().filter(|(_, _, host)| *host == own).map(|(p, _, _)| *p).min()
@@ -196,6 +198,9 @@ impl MxResolver {
         let implicit = hosts.len() == 1 && hosts[0] == domain.trim_end_matches('.');
         let mut exchangers = Vec::new();
         let mut last_error = None;
+        // One host failing for now (SERVFAIL, a timeout) makes the whole answer temporary,
+        // whatever the other hosts did: it may work on the next try.
+        let mut any_temporary = false;
         for host in hosts {
             match self.addresses(&host).await {
                 Ok(addresses) if !addresses.is_empty() => {
@@ -207,13 +212,22 @@ impl MxResolver {
                         format!("host {host} has no address"),
                     ))
                 }
-                Err(error) => last_error = Some(error),
+                Err(error) => {
+                    any_temporary |= !error.permanent;
+                    last_error = Some(error);
+                }
             }
         }
         if exchangers.is_empty() {
-            let error = last_error.unwrap_or_else(|| {
+            let mut error = last_error.unwrap_or_else(|| {
                 RouteError::temporary(EnhancedStatus(4, 4, 3), format!("no host for {domain}"))
             });
+            if any_temporary && error.permanent {
+                error = RouteError::temporary(
+                    EnhancedStatus(4, 4, 3),
+                    format!("no usable host for {domain} now ({})", error.reason),
+                );
+            }
             // A domain without MX whose own name has no address has no mail service at all.
             return Err(if implicit && error.permanent {
                 RouteError::permanent(
@@ -447,6 +461,8 @@ mod tests {
         assert_eq!(order.len(), MAX_EXCHANGERS);
         let mx = records(&[(10, "a."), (20, "A.")]);
         assert_eq!(order_exchangers("d", &mx, "me", &mut sequence()).unwrap(), ["a"]);
+        let mx = records(&[(10, "a."), (15, "b."), (20, "A.")]);
+        assert_eq!(order_exchangers("d", &mx, "me", &mut sequence()).unwrap(), ["a", "b"]);
     }
 
     #[test]

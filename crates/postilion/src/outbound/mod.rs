@@ -29,6 +29,9 @@ use dns::{Exchanger, MxResolver, RouteError};
 /// addresses, so a domain with many dead hosts costs a bounded time per attempt.
 const MAX_CONNECTION_ATTEMPTS: usize = 10;
 
+/// Message data is written in blocks of this size, each under `data_block_timeout`.
+const DATA_BLOCK: usize = 64 * 1024;
+
 /// Where a domain's mail goes and how.
 struct NextHop {
     exchangers: Vec<Exchanger>,
@@ -37,10 +40,11 @@ struct NextHop {
     credentials: Option<Credentials>,
 }
 
-/// Idle connections are kept per address, port, TLS policy and login: a connection opened
-/// under a weaker policy must never serve a delivery that requires more, and one
-/// authenticated as one user never carries mail routed with another's credentials.
-type PoolKey = (SocketAddr, OutboundTls, Option<String>);
+/// Idle connections are kept per address, port, host name, TLS policy and login: a
+/// connection opened under a weaker policy must never serve a delivery that requires more, a
+/// certificate verified for one name must not vouch for another, and one authenticated as one
+/// user never carries mail routed with another's credentials.
+type PoolKey = (SocketAddr, String, OutboundTls, Option<String>);
 
 struct IdleConnection {
     connection: Connection,
@@ -73,7 +77,8 @@ impl Outbound {
         hostname: &str,
     ) -> anyhow::Result<Outbound> {
         let helo_name = config.helo_name.clone().unwrap_or_else(|| hostname.to_string());
-        let resolver = MxResolver::new(dns, &helo_name)?;
+        // Our own name as an MX means a loop, whatever we say in EHLO.
+        let resolver = MxResolver::new(dns, hostname)?;
         let tls = tls::ClientTls::new(config.ca_file.as_deref())?;
         Ok(Outbound {
             connections: Arc::new(Semaphore::new(config.concurrency)),
@@ -114,6 +119,7 @@ impl Outbound {
         let _destination = destination.acquire().await;
         let _connection = self.connections.acquire().await;
         let mut last_failure = None;
+        let mut any_temporary = false;
         let mut tried = 0;
         'hosts: for exchanger in &hop.exchangers {
             for ip in &exchanger.addresses {
@@ -127,6 +133,7 @@ impl Outbound {
                     Ok(connection) => connection,
                     Err(failure) => {
                         warn!(queue_id = %id, host = %exchanger.host, %address, error = %failure, "cannot use host");
+                        any_temporary = true;
                         last_failure = Some(failure_attempt(&failure, &exchanger.host));
                         continue;
                     }
@@ -135,20 +142,36 @@ impl Outbound {
                     self.transfer(&mut connection, id, envelope, content, &recipients).await;
                 match after {
                     AfterTransaction::Ready => {
-                        self.release(connection, pool_key(address, hop.tls, &hop.credentials)).await
+                        self.release(
+                            connection,
+                            pool_key(address, &exchanger.host, hop.tls, &hop.credentials),
+                        )
+                        .await
                     }
                     AfterTransaction::NeedsReset => connection.quit().await,
                     AfterTransaction::Closing => {}
                 }
                 match tried {
                     Tried::Done(results) => return results,
-                    Tried::NextHost(failure) => last_failure = Some(failure),
+                    Tried::NextHost(failure) => {
+                        any_temporary |=
+                            matches!(failure, Attempt::Failed { permanent: false, .. });
+                        last_failure = Some(failure);
+                    }
                 }
             }
         }
-        let failure = last_failure.unwrap_or_else(|| {
+        let mut failure = last_failure.unwrap_or_else(|| {
             Attempt::failed(false, connection::NO_ANSWER, format!("no host for {domain} answered"))
         });
+        // Final only if every host said so: one that could not be reached may take the
+        // message on the next try.
+        if let Attempt::Failed { permanent, status, .. } = &mut failure {
+            if *permanent && any_temporary {
+                *permanent = false;
+                *status = EnhancedStatus(4, status.1, status.2);
+            }
+        }
         recipients.iter().map(|(i, _)| (*i, failure.clone())).collect()
     }
 
@@ -260,12 +283,11 @@ impl Outbound {
                     }
                     TransactionStep::SendContent => {
                         let framed = transaction.frame_content(content);
-                        for part in framed.parts() {
-                            if part.is_empty() {
-                                continue;
-                            }
+                        // RFC 5321 section 4.5.3.2.5: the data block timeout is for each
+                        // send; a slow but steady reader gets a large message in the end.
+                        for block in framed.parts().iter().flat_map(|p| p.chunks(DATA_BLOCK)) {
                             if let Err(error) =
-                                connection.write(part, timeouts.data_block_timeout).await
+                                connection.write(block, timeouts.data_block_timeout).await
                             {
                                 break 'transaction transaction.abort(&error.description);
                             }
@@ -333,7 +355,7 @@ impl Outbound {
         policy: OutboundTls,
         credentials: &Option<Credentials>,
     ) -> Result<Connection, ClientError> {
-        while let Some(idle) = self.take_idle(&pool_key(address, policy, credentials)) {
+        while let Some(idle) = self.take_idle(&pool_key(address, host, policy, credentials)) {
             if idle.is_stale().await {
                 continue;
             }
@@ -423,10 +445,12 @@ impl Outbound {
 
 fn pool_key(
     address: SocketAddr,
+    host: &str,
     policy: OutboundTls,
     credentials: &Option<Credentials>,
 ) -> PoolKey {
-    (address, policy, credentials.as_ref().map(|c| c.username().to_string()))
+    let login = credentials.as_ref().map(|c| c.username().to_string());
+    (address, host.to_ascii_lowercase(), policy, login)
 }
 
 /// A failed connection attempt as the result for every recipient, should no host do better.

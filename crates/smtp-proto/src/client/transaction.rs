@@ -254,6 +254,10 @@ impl Transaction {
             // RFC 5321 section 3.8: the server is shutting down the channel; no replies to the
             // rest of a pipelined group will come.
             let error = ClientError::refused("server closing connection", reply);
+            if self.phase == Phase::Mail {
+                // Nothing of this transaction was taken: another host may do better.
+                self.mail_failure = Some(error.clone());
+            }
             return self.done(RecipientResult::Failed(error), AfterTransaction::Closing);
         }
         match self.phase {
