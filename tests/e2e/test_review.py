@@ -559,13 +559,6 @@ def test_delay_notice_once_then_bounce_after_lifetime(start_server, dns, smtp_pe
 # Dropping privileges
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="privileges.rs hand_over walks the data directory as root by path: it checks a "
-    "directory with symlink_metadata, then read_dir and chownat re-resolve the path, so a "
-    "directory swapped for a symlink meanwhile gets root-owned files elsewhere chowned to "
-    "the service user",
-)
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_handing_over_the_data_directory_never_follows_a_swapped_in_symlink(start_server):
     base = Path(tempfile.mkdtemp(prefix="postilion-review-", dir="/tmp"))

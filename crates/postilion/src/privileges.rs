@@ -6,7 +6,9 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use rustix::fs::{AtFlags, CWD, chownat};
+use std::os::fd::OwnedFd;
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, chownat, fchown, fstat, open, openat};
 use rustix::process::{Gid, Uid, getegid, geteuid, getgid, getuid};
 use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
 
@@ -48,16 +50,58 @@ pub fn running_as_root() -> bool {
     geteuid().is_root()
 }
 
-/// Gives `dir` and everything in it to `account` (without following symbolic links), so the
-/// server can still use what an earlier run as root created.
+/// Gives `dir` and everything in it to `account`, so the server can still use what an
+/// earlier run as root created.
+///
+/// The user being given the tree may be the one who controls it, and could swap an entry
+/// for a symbolic link or a hard link to some root-owned file while root walks it. So the
+/// walk goes by file descriptor, never by path: each entry is opened without following
+/// links (`O_PATH | O_NOFOLLOW`), looked at through that descriptor, and changed through it;
+/// symbolic links, special files and files with more than one link are left alone; a
+/// directory is opened again with `O_NOFOLLOW` and must be the same inode.
 pub fn hand_over(dir: &Path, account: Account) -> anyhow::Result<()> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = open(dir, flags, Mode::empty())
+        .with_context(|| format!("opening {} (not a directory, or a link?)", dir.display()))?;
+    hand_over_dir(&fd, account, 0)
+        .with_context(|| format!("giving {} to uid {}", dir.display(), account.uid))
+}
+
+/// How deep the data directory may nest; deeper trees are not ours.
+const MAX_DEPTH: usize = 16;
+
+fn hand_over_dir(dir: &OwnedFd, account: Account, depth: usize) -> anyhow::Result<()> {
     let (uid, gid) = (Uid::from_raw(account.uid), Gid::from_raw(account.gid));
-    chownat(CWD, dir, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
-        .with_context(|| format!("giving {} to uid {}", dir.display(), account.uid))?;
-    if dir.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-            let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
-            hand_over(&entry.path(), account)?;
+    fchown(dir, Some(uid), Some(gid)).context("changing a directory's owner")?;
+    if depth == MAX_DEPTH {
+        return Ok(());
+    }
+    for entry in Dir::read_from(dir).context("reading a directory")? {
+        let entry = entry.context("reading a directory")?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        let path_flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let Ok(handle) = openat(dir, name, path_flags, Mode::empty()) else { continue };
+        let stat = fstat(&handle).context("looking at a directory entry")?;
+        match FileType::from_raw_mode(stat.st_mode) {
+            FileType::RegularFile if stat.st_nlink == 1 => {
+                chownat(&handle, c"", Some(uid), Some(gid), AtFlags::EMPTY_PATH)
+                    .context("changing a file's owner")?;
+            }
+            FileType::Directory => {
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                let Ok(child) = openat(dir, name, flags, Mode::empty()) else { continue };
+                let again = fstat(&child).context("looking at a directory")?;
+                // Swapped between the two opens: not the directory we looked at.
+                if (again.st_dev, again.st_ino) != (stat.st_dev, stat.st_ino) {
+                    continue;
+                }
+                hand_over_dir(&child, account, depth + 1)?;
+            }
+            // Links, sockets, devices, hard-linked files: none of ours, left as they are.
+            _ => {}
         }
     }
     Ok(())
