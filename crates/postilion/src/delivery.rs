@@ -4,9 +4,8 @@
 //! recipient is done. Temporary failures are retried with exponential backoff until
 //! `delivery.max_lifetime`.
 //!
-//! Order of durable steps, so that a crash never loses a notification: a notification is
-//! stored before the outcome that caused it is recorded. A crash in between repeats the
-//! attempt after the restart, which at worst sends a notification twice.
+//! A notification and the outcome that caused it are recorded in one spool transaction, so
+//! a crash never loses one and never records a delivery whose notification is missing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -262,6 +261,8 @@ impl Deliverer {
         let now = SystemTime::now();
         let mut updates = Vec::with_capacity(attempts.len());
         let mut reports = Vec::new();
+        // Recipients whose new status calls for a notice.
+        let mut reported = Vec::new();
         for (index, attempt) in attempts {
             let (status, attempt) = self.status_after(&job, index, attempt, now);
             let delay_due =
@@ -279,30 +280,41 @@ impl Deliverer {
                 delay_due.then_some(will_retry_until),
             ) {
                 reports.push(report);
+                reported.push(index);
             }
             updates.push((index, status));
         }
-        if !reports.is_empty() {
-            // Stored before the outcomes are recorded: see the module comment.
-            if let Err(error) =
-                self.notifier.send(job.id, &job.envelope, &content, reports, queue).await
-            {
-                error!(queue_id = %job.id, %error, "cannot queue a delivery status notification; retrying the delivery later");
-                queue.schedule(job, now + self.config.retry_initial);
-                return;
-            }
-        }
+        let notices = self.notifier.build(job.id, &job.envelope, &content, reports);
+        let mut after = job.recipients.clone();
         for (index, status) in &updates {
-            job.recipients[*index].status = status.clone();
+            after[*index].status = status.clone();
         }
-        let result = match next_attempt(&job.recipients) {
-            None => self.spool.remove(job.id).await,
-            Some(_) => self.spool.update_recipients(job.id, updates).await,
-        };
-        if let Err(error) = result {
-            // The outcome is not durable: deliveries that succeeded may be repeated after a
-            // restart, which is the lesser evil than losing mail.
-            error!(queue_id = %job.id, %error, "cannot record delivery results");
+        let remove = next_attempt(&after).is_none();
+        // The notices and the outcomes that caused them are one transaction: see the module
+        // comment.
+        let recorded =
+            self.spool.record_outcome(job.id, updates.clone(), remove, notices.clone()).await;
+        match recorded {
+            Ok(()) => {
+                job.recipients = after;
+                self.notifier.submit(job.id, &job.envelope.sender, notices, queue);
+            }
+            Err(error) => {
+                // Not durable. Recipients that need no notice keep their new status here, so
+                // this process does not deliver them twice (a restart before the next record
+                // may); the ones whose notice was not stored are tried again, so that the
+                // notice is not lost.
+                error!(queue_id = %job.id, %error, "cannot record delivery results; trying again later");
+                for (index, status) in updates {
+                    if !reported.contains(&index) {
+                        job.recipients[index].status = status;
+                    }
+                }
+                if next_attempt(&job.recipients).is_some_and(|at| at <= now) {
+                    queue.schedule(job, now + self.config.retry_initial);
+                    return;
+                }
+            }
         }
         if let Some(at) = next_attempt(&job.recipients) {
             queue.schedule(job, at);

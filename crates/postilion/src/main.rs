@@ -160,7 +160,6 @@ async fn serve(config: Config, sockets: Vec<std::net::TcpListener>) -> anyhow::R
             config: config.delivery.clone(),
             outbound,
             notifier: notify::Notifier {
-                spool: spool.clone(),
                 hostname: config.hostname.clone(),
                 return_size_limit: usize::try_from(config.delivery.bounce_size_limit)
                     .unwrap_or(usize::MAX),

@@ -3,18 +3,16 @@
 //! reverse-path so that a notice that cannot be delivered never produces another one.
 
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use dsn::{Action, Diagnostic, Kind, OriginalEnvelope, ReceivedFrom, RecipientReport, Report};
 use smtp_proto::{EnhancedStatus, Notify};
-use spool::{Envelope, NewMessage, QueueId, QueueStore, Recipient, RecipientStatus, SpoolError};
+use spool::{Envelope, NewMessage, QueueId, Recipient, RecipientStatus};
 use tracing::{info, warn};
 
 use crate::delivery::{Attempt, DeliveryQueue};
 
 pub struct Notifier {
-    pub spool: Arc<dyn QueueStore>,
     /// Our host name: Reporting-MTA and the notices' From and Message-ID.
     pub hostname: String,
     /// Octets of the original returned in full with a failure notice.
@@ -106,20 +104,24 @@ impl Notifier {
         Some(report)
     }
 
-    /// Builds one notice per kind and stores each durably, then hands them to delivery.
-    pub async fn send(
+    /// Builds one notice per kind of report, ready to be stored with the outcome. A notice
+    /// that cannot be built (a caller mistake, not a passing condition) is logged and left
+    /// out rather than retried forever.
+    pub fn build(
         &self,
         id: QueueId,
         envelope: &Envelope,
         content: &[u8],
         reports: Vec<RecipientReport>,
-        queue: &DeliveryQueue,
-    ) -> Result<(), SpoolError> {
+    ) -> Vec<NewMessage> {
+        if reports.is_empty() {
+            return Vec::new();
+        }
         if dsn::is_notification(content) {
             // RFC 3834 section 2 and RFC 5321 section 3.6.3: never a notice about a notice or
             // an automatic reply, even one sent with a real reverse-path.
             info!(queue_id = %id, "no notification about a notification or auto-reply");
-            return Ok(());
+            return Vec::new();
         }
         let original = OriginalEnvelope {
             sender: envelope.sender.clone(),
@@ -132,6 +134,7 @@ impl Notifier {
                 ip: envelope.client_ip,
             }),
         };
+        let mut notices = Vec::new();
         for kind in [Kind::Failure, Kind::Delay, Kind::Success, Kind::Relayed] {
             let recipients: Vec<RecipientReport> =
                 reports.iter().filter(|r| r.action.kind() == kind).cloned().collect();
@@ -150,8 +153,6 @@ impl Notifier {
             let notification = match report.build(content) {
                 Ok(notification) => notification,
                 Err(error) => {
-                    // A caller mistake, not a passing condition: log it and go on rather than
-                    // retry forever.
                     warn!(queue_id = %id, %error, "cannot build a delivery status notification");
                     continue;
                 }
@@ -178,17 +179,21 @@ impl Notifier {
                 orcpt: None,
                 status: RecipientStatus::Pending,
             };
-            self.spool
-                .store(NewMessage {
-                    id: notice_id,
-                    envelope: notice_envelope.clone(),
-                    recipients: vec![recipient.clone()],
-                    content: notification.message,
-                })
-                .await?;
-            info!(queue_id = %id, notice = %notice_id, kind = %kind, to = ?envelope.sender, "delivery status notification queued");
-            queue.submit(notice_id, notice_envelope, vec![recipient]);
+            notices.push(NewMessage {
+                id: notice_id,
+                envelope: notice_envelope,
+                recipients: vec![recipient],
+                content: notification.message,
+            });
         }
-        Ok(())
+        notices
+    }
+
+    /// Hands stored notices to delivery.
+    pub fn submit(&self, id: QueueId, to: &str, notices: Vec<NewMessage>, queue: &DeliveryQueue) {
+        for notice in notices {
+            info!(queue_id = %id, notice = %notice.id, to = ?to, "delivery status notification queued");
+            queue.submit(notice.id, notice.envelope, notice.recipients);
+        }
     }
 }

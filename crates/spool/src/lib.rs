@@ -176,6 +176,18 @@ pub trait QueueStore: Send + Sync + 'static {
         id: QueueId,
         updates: Vec<(usize, RecipientStatus)>,
     ) -> BoxFuture<'_, Result<(), SpoolError>>;
+    /// Records the outcome of a delivery attempt and stores the messages it gave rise to
+    /// (delivery status notifications) in one transaction: either the new messages are stored
+    /// and the message is updated (`updates`) or removed (`remove`), or nothing changes. So a
+    /// crash never loses a notification whose cause was recorded, and never records a
+    /// delivery whose notification is missing.
+    fn record_outcome(
+        &self,
+        id: QueueId,
+        updates: Vec<(usize, RecipientStatus)>,
+        remove: bool,
+        new: Vec<NewMessage>,
+    ) -> BoxFuture<'_, Result<(), SpoolError>>;
     /// Durably deletes the message, its content and its recipients. [`SpoolError::NotFound`]
     /// if it is not there, which a caller retrying a removal can treat as done.
     fn remove(&self, id: QueueId) -> BoxFuture<'_, Result<(), SpoolError>>;

@@ -155,6 +155,16 @@ impl QueueStore for SqliteSpool {
         Box::pin(self.submit(Operation::Update(id, updates)))
     }
 
+    fn record_outcome(
+        &self,
+        id: QueueId,
+        updates: Vec<(usize, RecipientStatus)>,
+        remove: bool,
+        new: Vec<NewMessage>,
+    ) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(self.submit(Operation::Outcome { id, updates, remove, new }))
+    }
+
     fn remove(&self, id: QueueId) -> BoxFuture<'_, Result<(), SpoolError>> {
         Box::pin(self.submit(Operation::Remove(id)))
     }

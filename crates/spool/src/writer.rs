@@ -26,6 +26,13 @@ pub(crate) enum Operation {
     Store(NewMessage),
     Update(QueueId, Vec<(usize, RecipientStatus)>),
     Remove(QueueId),
+    /// See [`QueueStore::record_outcome`](crate::QueueStore::record_outcome).
+    Outcome {
+        id: QueueId,
+        updates: Vec<(usize, RecipientStatus)>,
+        remove: bool,
+        new: Vec<NewMessage>,
+    },
 }
 
 pub(crate) struct Request {
@@ -37,6 +44,7 @@ impl Request {
     fn bytes(&self) -> usize {
         match &self.operation {
             Operation::Store(message) => message.content.len(),
+            Operation::Outcome { new, .. } => new.iter().map(|m| m.content.len()).sum(),
             Operation::Update(..) | Operation::Remove(_) => 0,
         }
     }
@@ -147,7 +155,11 @@ impl Writer {
         for (request, result) in batch.iter().zip(&results) {
             if result.is_ok() {
                 durable += 1;
-                stored += u64::from(matches!(request.operation, Operation::Store(_)));
+                stored += match &request.operation {
+                    Operation::Store(_) => 1,
+                    Operation::Outcome { new, .. } => new.len() as u64,
+                    Operation::Update(..) | Operation::Remove(_) => 0,
+                };
             }
         }
         if durable == 0 {
@@ -183,6 +195,15 @@ impl Writer {
             Operation::Store(message) => db::store(connection, message),
             Operation::Update(id, updates) => db::update_recipients(connection, *id, updates),
             Operation::Remove(id) => db::remove(connection, *id),
+            // All in the one savepoint: the new messages and the outcome commit together or
+            // not at all.
+            Operation::Outcome { id, updates, remove, new } => new
+                .iter()
+                .try_for_each(|message| db::store(connection, message))
+                .and_then(|()| match remove {
+                    true => db::remove(connection, *id),
+                    false => db::update_recipients(connection, *id, updates),
+                }),
         };
         match result {
             Ok(()) => savepoint("RELEASE operation")?,

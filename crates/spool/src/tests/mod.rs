@@ -434,3 +434,41 @@ fn files_are_private() {
         }
     }
 }
+
+#[test]
+fn an_outcome_and_its_notices_commit_together_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let original = message(b"original");
+    rt.block_on(spool.store(original.clone())).unwrap();
+    let failed = RecipientStatus::Failed { at: millis(1_000), error: "5.1.1 gone".into() };
+    // An update that cannot apply (no recipient 99) takes the notice down with it.
+    let notice = message(b"notice");
+    let result = rt.block_on(spool.record_outcome(
+        original.id,
+        vec![(99, failed.clone())],
+        false,
+        vec![notice.clone()],
+    ));
+    assert!(matches!(result, Err(SpoolError::NoSuchRecipient { index: 99, .. })), "{result:?}");
+    let listed = rt.block_on(spool.list()).unwrap();
+    assert_eq!(listed.iter().map(|m| m.id).collect::<Vec<_>>(), [original.id]);
+    // A good one stores the notice and records the outcome.
+    rt.block_on(spool.record_outcome(
+        original.id,
+        vec![(0, failed.clone())],
+        false,
+        vec![notice.clone()],
+    ))
+    .unwrap();
+    let listed = rt.block_on(spool.list()).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].recipients[0].status, failed);
+    assert_eq!(rt.block_on(spool.load_content(notice.id)).unwrap(), b"notice");
+    // Removal with a notice: the original goes, the notice stays.
+    let second = message(b"second notice");
+    rt.block_on(spool.record_outcome(original.id, Vec::new(), true, vec![second.clone()])).unwrap();
+    let ids: Vec<QueueId> = rt.block_on(spool.list()).unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(ids, [notice.id, second.id]);
+}
