@@ -158,7 +158,7 @@ async fn serve(config: Config, sockets: Vec<std::net::TcpListener>) -> anyhow::R
             router: router.clone(),
             maildir: maildir::MaildirRoot::new(maildir_root),
             config: config.delivery.clone(),
-            outbound,
+            outbound: outbound.clone(),
             notifier: notify::Notifier {
                 hostname: config.hostname.clone(),
                 return_size_limit: usize::try_from(config.delivery.bounce_size_limit)
@@ -211,6 +211,7 @@ async fn serve(config: Config, sockets: Vec<std::net::TcpListener>) -> anyhow::R
         warn!("sessions still open after the grace period; closing them");
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), delivery_done).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), outbound.close_idle()).await;
     info!("stopped");
     Ok(())
 }

@@ -27,8 +27,10 @@ const LOCK_WAIT: Duration = Duration::from_secs(1);
 /// How long a connection waits for a lock held by another connection (an operator's
 /// `sqlite3` shell, a checkpoint) before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Idle read connections kept for reuse; more are opened when reads pile up.
-const IDLE_READERS: usize = 4;
+/// Idle read connections kept for reuse; more are opened when reads pile up. Enough for the
+/// message loads of a busy queue manager (one per delivery under way), so a connection is
+/// not opened and closed, with its log file, for each message.
+const IDLE_READERS: usize = 16;
 /// After a checkpoint the log is truncated back to this size; without a limit it keeps the
 /// size of the largest batch ever written.
 const WAL_SIZE_LIMIT: i64 = 64 << 20;

@@ -283,9 +283,21 @@ impl Outbound {
                     }
                     TransactionStep::SendContent => {
                         let framed = transaction.frame_content(content);
-                        // RFC 5321 section 4.5.3.2.5: the data block timeout is for each
-                        // send; a slow but steady reader gets a large message in the end.
-                        for block in framed.parts().iter().flat_map(|p| p.chunks(DATA_BLOCK)) {
+                        let parts = framed.parts();
+                        // A small message goes out in one write (one packet, one wake-up at
+                        // the other end) rather than body and "." apart.
+                        let joined;
+                        let blocks: Vec<&[u8]> = match parts.iter().map(|p| p.len()).sum::<usize>()
+                        {
+                            total if total <= DATA_BLOCK => {
+                                joined = framed.to_vec();
+                                vec![&joined[..]]
+                            }
+                            // RFC 5321 section 4.5.3.2.5: the data block timeout is for each
+                            // send; a slow but steady reader gets a large message in the end.
+                            _ => parts.iter().flat_map(|p| p.chunks(DATA_BLOCK)).collect(),
+                        };
+                        for block in blocks {
                             if let Err(error) =
                                 connection.write(block, timeouts.data_block_timeout).await
                             {
@@ -433,6 +445,18 @@ impl Outbound {
             expired
         };
         for mut connection in expired {
+            connection.quit().await;
+        }
+    }
+
+    /// Says QUIT on every idle connection (at shutdown: RFC 5321 section 4.1.1.10, a client
+    /// closes with QUIT rather than dropping the connection).
+    pub async fn close_idle(&self) {
+        let idle: Vec<Connection> = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.drain().flat_map(|(_, list)| list).map(|entry| entry.connection).collect()
+        };
+        for mut connection in idle {
             connection.quit().await;
         }
     }
