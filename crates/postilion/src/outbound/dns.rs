@@ -17,7 +17,7 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::proto::rr::RData;
+use hickory_resolver::proto::rr::{RData, RecordType};
 use smtp_proto::EnhancedStatus;
 
 use crate::config::{DnsConfig, IpPreference};
@@ -281,46 +281,8 @@ impl MxResolver {
         let want_v4 = self.ip_preference != IpPreference::Ipv6Only;
         let want_v6 = self.ip_preference != IpPreference::Ipv4Only;
         let (v4, v6) = tokio::join!(
-            async {
-                if !want_v4 {
-                    return Ok(Found::NoData);
-                }
-                let lookup = self.resolver.ipv4_lookup(fqdn.as_str()).await;
-                classify(
-                    &fqdn,
-                    "A",
-                    lookup.map(|lookup| {
-                        lookup
-                            .answers()
-                            .iter()
-                            .filter_map(|record| match &record.data {
-                                RData::A(a) => Some(IpAddr::V4(a.0)),
-                                _ => None,
-                            })
-                            .collect()
-                    }),
-                )
-            },
-            async {
-                if !want_v6 {
-                    return Ok(Found::NoData);
-                }
-                let lookup = self.resolver.ipv6_lookup(fqdn.as_str()).await;
-                classify(
-                    &fqdn,
-                    "AAAA",
-                    lookup.map(|lookup| {
-                        lookup
-                            .answers()
-                            .iter()
-                            .filter_map(|record| match &record.data {
-                                RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
-                                _ => None,
-                            })
-                            .collect()
-                    }),
-                )
-            }
+            self.address_records(&fqdn, RecordType::A, want_v4),
+            self.address_records(&fqdn, RecordType::AAAA, want_v6),
         );
         let take = |found: Found<IpAddr>| match found {
             Found::Records(addresses) => addresses,
@@ -336,6 +298,33 @@ impl MxResolver {
             (Err(_), Ok(Found::Records(v6))) => Ok(v6),
             (Err(error), _) | (_, Err(error)) => Err(error),
         }
+    }
+}
+
+impl MxResolver {
+    /// The addresses in the A or AAAA records of `fqdn`; no data when not `wanted`.
+    async fn address_records(
+        &self,
+        fqdn: &str,
+        record_type: RecordType,
+        wanted: bool,
+    ) -> Result<Found<IpAddr>, RouteError> {
+        if !wanted {
+            return Ok(Found::NoData);
+        }
+        let lookup = self.resolver.lookup(fqdn, record_type).await;
+        let addresses = lookup.map(|lookup| {
+            lookup
+                .answers()
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                    _ => None,
+                })
+                .collect()
+        });
+        classify(fqdn, &record_type.to_string(), addresses)
     }
 }
 
