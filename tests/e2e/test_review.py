@@ -437,12 +437,6 @@ def test_a_notice_that_cannot_be_stored_does_not_repeat_successful_deliveries(st
         filler.unlink()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RFC 3461 5.2.7.3: an alias with several members gets one 'expanded' DSN for "
-    "NOTIFY=SUCCESS and the members lose SUCCESS; server.rs copies NOTIFY to every member, so "
-    "the sender gets 'delivered' reports naming each internal mailbox",
-)
 def test_notify_success_on_a_multi_member_alias_reports_expanded(start_server):
     server = start_server(
         listeners=[{"name": "smtp", "address": "127.0.0.1:0"}],

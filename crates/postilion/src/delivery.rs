@@ -105,7 +105,7 @@ pub struct Deliverer {
     pub maildir: MaildirRoot,
     pub config: DeliveryConfig,
     pub outbound: Arc<Outbound>,
-    pub notifier: Notifier,
+    pub notifier: Arc<Notifier>,
 }
 
 /// Starts the queue manager and returns the queue feeding it; the returned handle finishes

@@ -152,6 +152,11 @@ async fn serve(config: Config, sockets: Vec<std::net::TcpListener>) -> anyhow::R
             }
         }
     });
+    let notifier = Arc::new(notify::Notifier {
+        hostname: config.hostname.clone(),
+        return_size_limit: usize::try_from(config.delivery.bounce_size_limit).unwrap_or(usize::MAX),
+        delay_by_default: config.delivery.delay_warning_by_default,
+    });
     let (delivery_queue, delivery_done) = delivery::start(
         delivery::Deliverer {
             spool: spool.clone(),
@@ -159,12 +164,7 @@ async fn serve(config: Config, sockets: Vec<std::net::TcpListener>) -> anyhow::R
             maildir: maildir::MaildirRoot::new(maildir_root),
             config: config.delivery.clone(),
             outbound: outbound.clone(),
-            notifier: notify::Notifier {
-                hostname: config.hostname.clone(),
-                return_size_limit: usize::try_from(config.delivery.bounce_size_limit)
-                    .unwrap_or(usize::MAX),
-                delay_by_default: config.delivery.delay_warning_by_default,
-            },
+            notifier: notifier.clone(),
         },
         shutdown.clone(),
     );
@@ -194,6 +194,7 @@ async fn serve(config: Config, sockets: Vec<std::net::TcpListener>) -> anyhow::R
         ),
         router: router.clone(),
         abuse: limits::Limiter::new(config.abuse.clone()),
+        notifier,
         authenticator,
         config,
         spool: spool.clone(),

@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use accounts::Account;
+use dsn::{Action, RecipientReport};
 
 use crate::config::{Config, Role, TlsMode};
 use crate::conn;
@@ -32,6 +33,8 @@ pub struct Server {
     pub limiter: ConnectionLimiter,
     /// Login failures, bans and rates, shared by all sessions.
     pub abuse: crate::limits::Limiter,
+    /// Builds the notices due at acceptance ("expanded").
+    pub notifier: Arc<crate::notify::Notifier>,
     /// `None` when no listener offers AUTH.
     pub authenticator: Option<crate::auth::Authenticator>,
     /// Becomes true when the server is shutting down.
@@ -147,7 +150,7 @@ impl Server {
     ) -> Reply {
         let id = QueueId::generate();
         let received_at = SystemTime::now();
-        let recipients = self.final_recipients(&transaction.recipients);
+        let (recipients, expanded) = self.final_recipients(&transaction.recipients);
         if recipients.is_empty() {
             // Every recipient was accepted at RCPT time, so only a configuration change in
             // between can get here.
@@ -202,9 +205,22 @@ impl Server {
             authenticated_as: authenticated_as.map(str::to_string),
             received_at,
         };
+        // Not for a null sender (the dsn rules say so).
+        let expanded: Vec<RecipientReport> =
+            expanded.into_iter().filter(|_| !envelope.sender.is_empty()).collect();
+        let notices = self.notifier.build(id, &envelope, &content, expanded);
         let message =
             NewMessage { id, envelope: envelope.clone(), recipients: recipients.clone(), content };
-        match self.spool.store(message).await {
+        // A message and the notices its acceptance calls for are stored together.
+        let stored = match notices.is_empty() {
+            true => self.spool.store(message).await,
+            false => {
+                let mut all = vec![message];
+                all.extend(notices.iter().cloned());
+                self.spool.store_all(all).await
+            }
+        };
+        match stored {
             Ok(()) => {
                 info!(
                     queue_id = %id,
@@ -216,7 +232,9 @@ impl Server {
                     result = "queued",
                     "message accepted"
                 );
+                let sender = envelope.sender.clone();
                 self.delivery.submit(id, envelope, recipients);
+                self.notifier.submit(id, &sender, notices, &self.delivery);
                 Reply::owned(250, EnhancedStatus(2, 0, 0), format!("Ok: queued as {id}"))
             }
             Err(error) => {
@@ -230,10 +248,12 @@ impl Server {
     }
 
     /// Expands the accepted RCPTs into one queue recipient per final mailbox address; two
-    /// RCPTs reaching the same mailbox give it one copy.
-    fn final_recipients(&self, rcpts: &[RcptTo]) -> Vec<Recipient> {
+    /// RCPTs reaching the same mailbox give it one copy. Also returns the "expanded" reports
+    /// due for aliases with several members.
+    fn final_recipients(&self, rcpts: &[RcptTo]) -> (Vec<Recipient>, Vec<RecipientReport>) {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::with_capacity(rcpts.len());
+        let mut expanded = Vec::new();
         for rcpt in rcpts {
             let addresses = match self.router.resolve(&rcpt.path) {
                 Lookup::Local(addresses) => addresses,
@@ -245,6 +265,24 @@ impl Server {
                 ForwardPath::Postmaster => "Postmaster".to_string(),
                 ForwardPath::Mailbox(mailbox) => mailbox.to_string(),
             };
+            // RFC 3461 section 5.2.7.3 (c), for an alias with several members: "The NOTIFY
+            // parameter is propagated to the forwarding addresses, except that any SUCCESS
+            // keyword is removed. If the original NOTIFY parameter for the alias contained
+            // the SUCCESS keyword, an "expanded" DSN is issued for the alias."
+            let mut notify = rcpt.notify;
+            if addresses.len() > 1 {
+                if let Some(asked) = notify.as_mut().filter(|n| n.success) {
+                    asked.success = false;
+                    let mut report = RecipientReport::new(
+                        original.clone(),
+                        Action::Expanded,
+                        EnhancedStatus(2, 0, 0),
+                    );
+                    report.original_recipient = rcpt.orcpt.clone();
+                    report.last_attempt = Some(SystemTime::now());
+                    expanded.push(report);
+                }
+            }
             for address in addresses {
                 // Our mailboxes ignore case; a remote local part's case is the remote
                 // host's to interpret (RFC 5321 section 2.4).
@@ -259,14 +297,14 @@ impl Server {
                     out.push(Recipient {
                         address,
                         original: original.clone(),
-                        notify: rcpt.notify,
+                        notify,
                         orcpt: rcpt.orcpt.clone(),
                         status: RecipientStatus::Pending,
                     });
                 }
             }
         }
-        out
+        (out, expanded)
     }
 }
 

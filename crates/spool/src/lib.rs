@@ -167,6 +167,9 @@ pub trait QueueStore: Send + Sync + 'static {
     /// Stores a message. Durable when the future resolves `Ok` (group-committed); only then may
     /// the server answer 250.
     fn store(&self, message: NewMessage) -> BoxFuture<'_, Result<(), SpoolError>>;
+    /// Stores several messages in one transaction: all or none (a message with the
+    /// notifications its acceptance gave rise to).
+    fn store_all(&self, messages: Vec<NewMessage>) -> BoxFuture<'_, Result<(), SpoolError>>;
     /// The content of a stored message, byte for byte.
     fn load_content(&self, id: QueueId) -> BoxFuture<'_, Result<Vec<u8>, SpoolError>>;
     /// Durably records new statuses for the given recipient indexes: all of them or, on

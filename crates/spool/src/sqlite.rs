@@ -157,6 +157,10 @@ impl QueueStore for SqliteSpool {
         Box::pin(self.submit(Operation::Update(id, updates)))
     }
 
+    fn store_all(&self, messages: Vec<NewMessage>) -> BoxFuture<'_, Result<(), SpoolError>> {
+        Box::pin(self.submit(Operation::StoreAll(messages)))
+    }
+
     fn record_outcome(
         &self,
         id: QueueId,

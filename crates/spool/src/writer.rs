@@ -24,6 +24,7 @@ const SPACE_SLACK: u64 = 1 << 20;
 
 pub(crate) enum Operation {
     Store(NewMessage),
+    StoreAll(Vec<NewMessage>),
     Update(QueueId, Vec<(usize, RecipientStatus)>),
     Remove(QueueId),
     /// See [`QueueStore::record_outcome`](crate::QueueStore::record_outcome).
@@ -44,6 +45,7 @@ impl Request {
     fn bytes(&self) -> usize {
         match &self.operation {
             Operation::Store(message) => message.content.len(),
+            Operation::StoreAll(messages) => messages.iter().map(|m| m.content.len()).sum(),
             Operation::Outcome { new, .. } => new.iter().map(|m| m.content.len()).sum(),
             Operation::Update(..) | Operation::Remove(_) => 0,
         }
@@ -157,6 +159,7 @@ impl Writer {
                 durable += 1;
                 stored += match &request.operation {
                     Operation::Store(_) => 1,
+                    Operation::StoreAll(messages) => messages.len() as u64,
                     Operation::Outcome { new, .. } => new.len() as u64,
                     Operation::Update(..) | Operation::Remove(_) => 0,
                 };
@@ -193,6 +196,9 @@ impl Writer {
         savepoint("SAVEPOINT operation")?;
         let result = match operation {
             Operation::Store(message) => db::store(connection, message),
+            Operation::StoreAll(messages) => {
+                messages.iter().try_for_each(|message| db::store(connection, message))
+            }
             Operation::Update(id, updates) => db::update_recipients(connection, *id, updates),
             Operation::Remove(id) => db::remove(connection, *id),
             // All in the one savepoint: the new messages and the outcome commit together or

@@ -472,3 +472,18 @@ fn an_outcome_and_its_notices_commit_together_or_not_at_all() {
     let ids: Vec<QueueId> = rt.block_on(spool.list()).unwrap().iter().map(|m| m.id).collect();
     assert_eq!(ids, [notice.id, second.id]);
 }
+
+#[test]
+fn messages_stored_together_are_all_there_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let (first, second) = (message(b"one"), message(b"two"));
+    rt.block_on(spool.store_all(vec![first.clone(), second.clone()])).unwrap();
+    assert_eq!(rt.block_on(spool.list()).unwrap().len(), 2);
+    // A duplicate id fails the whole group: the new message beside it is not stored.
+    let third = message(b"three");
+    assert!(rt.block_on(spool.store_all(vec![third.clone(), first.clone()])).is_err());
+    let ids: Vec<QueueId> = rt.block_on(spool.list()).unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(ids, [first.id, second.id]);
+}
