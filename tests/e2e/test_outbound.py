@@ -487,3 +487,18 @@ def test_ipv6_and_ipv4_addresses_of_one_exchanger(start_server, dns, smtp_peers)
     send(server, ["carol@dual.test"])
     [message] = peers.by_host("127.0.0.2").wait_for(1)
     assert message.rcpt_tos == ["carol@dual.test"]
+
+
+def test_a_pooled_connection_the_peer_closed_is_replaced_at_once(start_server, dns, smtp_peers):
+    """The peer drops idle connections after a second; the next message still goes out at
+    once on a new connection instead of waiting for a retry."""
+    peers = smtp_peers(1, idle_timeout=1)
+    dns.add("example.test", "A", "127.0.0.2")
+    server = relay(start_server, dns, peers.port, outbound={"idle_timeout": "30s"})
+    send(server, ["one@example.test"])
+    peers[0].wait_for(1)
+    time.sleep(2)
+    send(server, ["two@example.test"])
+    peers[0].wait_for(2, timeout=5)
+    assert peers[0].connections == 2
+    assert "delivery deferred" not in server.log()

@@ -101,11 +101,15 @@ impl Limiter {
     /// connection rate. Counts the connection.
     pub fn admit_connection(&self, ip: IpAddr, now: Instant) -> Result<(), &'static str> {
         let mut state = self.state();
-        if let Some(until) = state.banned.get(&ip).copied() {
+        if state.banned.len() >= SWEEP_AT {
+            state.banned.retain(|_, until| now < *until);
+        }
+        let network = ban_key(ip);
+        if let Some(until) = state.banned.get(&network).copied() {
             if now < until {
                 return Err("client address temporarily banned after failed logins");
             }
-            state.banned.remove(&ip);
+            state.banned.remove(&network);
         }
         let cap = self.limits.connection_rate;
         if cap > 0 && state.connections.record(&ip, now, cap + 1) > cap {
@@ -123,6 +127,7 @@ impl Limiter {
         let limits = &self.limits;
         let mut state = self.state();
         let cap = limits.auth_failures_before_ban + 1;
+        let ip = ban_key(ip);
         let by_ip = state.failures_by_ip.record(&ip, now, cap);
         let by_account = match account {
             Some(name) => state.failures_by_account.record(&name.to_lowercase(), now, cap),
@@ -140,7 +145,7 @@ impl Limiter {
     /// A successful login clears the address's failures (the account's stay: they may come
     /// from elsewhere).
     pub fn auth_succeeded(&self, ip: IpAddr) {
-        self.state().failures_by_ip.forget(&ip);
+        self.state().failures_by_ip.forget(&ban_key(ip));
     }
 
     /// Counts one message from `account`; `Err` when it is over its hourly limit.
@@ -159,6 +164,18 @@ impl Limiter {
             return Err("recipient rate limit exceeded");
         }
         Ok(())
+    }
+}
+
+/// What failed logins are counted and banned by: the address, or for IPv6 its /64, since
+/// one host usually has a whole /64 to pick addresses from.
+fn ban_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
+        },
+        v4 => v4,
     }
 }
 
@@ -233,6 +250,22 @@ mod tests {
         limiter.auth_failed(ip, None, later);
         limiter.auth_succeeded(ip);
         assert_eq!(limiter.auth_failed(ip, None, later), AfterFailure::Delay(Duration::ZERO));
+    }
+
+    #[test]
+    fn an_ipv6_ban_covers_the_whole_slash_64() {
+        let limiter = Limiter::new(AbuseLimits { auth_failures_before_ban: 2, ..limits() });
+        let t = Instant::now();
+        let first: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let sibling: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let elsewhere: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        limiter.auth_failed(first, None, t);
+        assert_eq!(limiter.auth_failed(sibling, None, t), AfterFailure::Disconnect);
+        assert!(limiter.admit_connection(first, t).is_err());
+        assert!(limiter.admit_connection(sibling, t).is_err());
+        assert!(limiter.admit_connection(elsewhere, t).is_ok());
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(ban_key(mapped), "192.0.2.1".parse::<IpAddr>().unwrap());
     }
 
     #[test]

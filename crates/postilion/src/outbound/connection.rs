@@ -38,6 +38,8 @@ pub struct Connection {
     pub address: SocketAddr,
     /// TLS version and cipher, when TLS is active.
     pub tls: Option<String>,
+    /// Taken from the idle pool rather than opened for this delivery.
+    pub reused: bool,
 }
 
 /// How to reach and greet a server.
@@ -103,6 +105,7 @@ impl Connection {
             host: dial.host.to_string(),
             address: dial.address,
             tls: None,
+            reused: false,
         };
         let mut timeout = dial.greeting_timeout;
         loop {

@@ -18,7 +18,7 @@ use smtp_proto::client::{
 use smtp_proto::{BodyType, Credentials, EnhancedStatus};
 use spool::{Envelope, QueueId, Recipient};
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{OutboundConfig, OutboundTls};
 use crate::delivery::Attempt;
@@ -68,6 +68,9 @@ enum Tried {
     /// This host could not take the message; try the next one. The failure stands for every
     /// recipient if no host can.
     NextHost(Attempt),
+    /// A connection from the idle pool broke before the server answered anything of this
+    /// transaction (it had closed it while idle): try the same host on a new connection.
+    Stale,
 }
 
 impl Outbound {
@@ -138,8 +141,22 @@ impl Outbound {
                         continue;
                     }
                 };
-                let (tried, after) =
+                let (mut tried, mut after) =
                     self.transfer(&mut connection, id, envelope, content, &recipients).await;
+                if matches!(tried, Tried::Stale) {
+                    debug!(queue_id = %id, host = %exchanger.host, %address, "idle connection had gone; reconnecting");
+                    let fresh = self.open(&exchanger.host, address, hop.tls, &hop.credentials);
+                    connection = match fresh.await {
+                        Ok(connection) => connection,
+                        Err(failure) => {
+                            any_temporary = true;
+                            last_failure = Some(failure_attempt(&failure, &exchanger.host));
+                            continue;
+                        }
+                    };
+                    (tried, after) =
+                        self.transfer(&mut connection, id, envelope, content, &recipients).await;
+                }
                 match after {
                     AfterTransaction::Ready => {
                         self.release(
@@ -153,6 +170,15 @@ impl Outbound {
                 }
                 match tried {
                     Tried::Done(results) => return results,
+                    // Only from a reused connection, and the retry above is on a new one.
+                    Tried::Stale => {
+                        any_temporary = true;
+                        last_failure = Some(Attempt::failed(
+                            false,
+                            connection::BAD_CONNECTION,
+                            format!("connection to {} lost", exchanger.host),
+                        ));
+                    }
                     Tried::NextHost(failure) => {
                         any_temporary |=
                             matches!(failure, Attempt::Failed { permanent: false, .. });
@@ -260,6 +286,7 @@ impl Outbound {
             }
         };
         let timeouts = &self.config;
+        let mut replies = 0usize;
         let outcome = 'transaction: {
             if let Err(error) = connection.write(&first, timeouts.command_timeout).await {
                 break 'transaction transaction.abort(&error.description);
@@ -270,6 +297,7 @@ impl Outbound {
                     Ok(reply) => reply,
                     Err(error) => break 'transaction transaction.abort(&error.description),
                 };
+                replies += 1;
                 wait = timeouts.command_timeout;
                 match transaction.on_reply(reply) {
                     TransactionStep::Send(bytes) => {
@@ -312,6 +340,9 @@ impl Outbound {
             }
         };
         let tls = connection.tls.as_deref().unwrap_or("none");
+        if connection.reused && replies == 0 && outcome.connection == AfterTransaction::Closing {
+            return (Tried::Stale, AfterTransaction::Closing);
+        }
         if let Some(error) = &outcome.mail_failure {
             if !error.is_permanent() {
                 warn!(queue_id = %id, host = %host, address = %connection.address, tls, error = %error, "sender refused for now; trying another host");
@@ -367,12 +398,24 @@ impl Outbound {
         policy: OutboundTls,
         credentials: &Option<Credentials>,
     ) -> Result<Connection, ClientError> {
-        while let Some(idle) = self.take_idle(&pool_key(address, host, policy, credentials)) {
+        while let Some(mut idle) = self.take_idle(&pool_key(address, host, policy, credentials)) {
             if idle.is_stale().await {
                 continue;
             }
+            idle.reused = true;
             return Ok(idle);
         }
+        self.open(host, address, policy, credentials).await
+    }
+
+    /// A new connection, greeted and ready.
+    async fn open(
+        &self,
+        host: &str,
+        address: SocketAddr,
+        policy: OutboundTls,
+        credentials: &Option<Credentials>,
+    ) -> Result<Connection, ClientError> {
         let (intent, tls_config) = match policy {
             OutboundTls::None => (TlsIntent::Never, None),
             OutboundTls::Opportunistic => {
@@ -424,8 +467,23 @@ impl Outbound {
             connection.quit().await;
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.entry(key).or_default().push(IdleConnection { connection, since: Instant::now() });
+        let surplus = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            // The pool holds no more than could be in use at once: per destination, and in
+            // all, so idle sockets stay within the connection limits too.
+            let total: usize = idle.values().map(Vec::len).sum();
+            let list = idle.entry(key).or_default();
+            if list.len() >= self.config.destination_concurrency || total >= self.config.concurrency
+            {
+                Some(connection)
+            } else {
+                list.push(IdleConnection { connection, since: Instant::now() });
+                None
+            }
+        };
+        if let Some(mut connection) = surplus {
+            connection.quit().await;
+        }
     }
 
     /// Closes the connections that have been idle for longer than `idle_timeout`. Runs
