@@ -246,18 +246,26 @@ def test_relay_table(auth_server):
         client.ehlo("client.test")
         assert client.mail("alice@localhost") == (530, b"5.7.0 Authentication required")
         client.close()
-    # Authenticated: remote domains relay; routing tricks inside a local domain are refused
-    # as unknown users rather than honoured.
-    with smtplib.SMTP_SSL("127.0.0.1", server.port("submissions"), context=no_verify(), timeout=30) as client:
-        client.ehlo("client.test")
+    # Authenticated, on both submission roles: remote domains relay; routing tricks inside a
+    # local domain are refused as unknown users rather than honoured.
+    for listener in ("submission", "submissions"):
+        if listener == "submissions":
+            client = smtplib.SMTP_SSL("127.0.0.1", server.port(listener), context=no_verify(), timeout=30)
+            client.ehlo("client.test")
+        else:
+            client = smtplib.SMTP("127.0.0.1", server.port(listener), timeout=30)
+            client.ehlo("client.test")
+            client.starttls(context=no_verify())
+            client.ehlo("client.test")
         client.login("alice@localhost", PASSWORD)
         assert client.mail("alice@localhost")[0] == 250
         replies = rcpt_replies(client, RELAY_TRICKS)
         for recipient, reply in replies.items():
             local_routing = recipient.endswith("@localhost")
             expected = 550 if local_routing else 250
-            assert reply[0] == expected, (recipient, reply)
+            assert reply[0] == expected, (listener, recipient, reply)
         client.rset()
+        client.quit()
 
 
 def test_trusted_networks_may_relay_without_auth(start_server, tmp_path):
@@ -330,3 +338,15 @@ def test_accounts_from_the_cli_and_the_config(start_server, tmp_path):
     assert login("frank@localhost", "new pw") and not login("frank@localhost", PASSWORD)
     subprocess.run([str(BINARY), "user", "remove", "frank@localhost", "--data", str(data)], check=True, timeout=30, capture_output=True)
     assert not login("frank@localhost", "new pw")
+
+
+def test_connection_rate_per_address(start_server):
+    server = start_server(listeners=LISTENERS[:1], abuse={"connection_rate": 3})
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port("mta")), timeout=10) as sock:
+            assert sock.recv(200).startswith(b"220 ")
+    with socket.create_connection(("127.0.0.1", server.port("mta")), timeout=10) as sock:
+        assert sock.recv(200) == b"421 4.7.0 Too many connections per minute from this address, try again later\r\n"
+    # Another address has its own count.
+    with socket.create_connection(("127.0.0.1", server.port("mta")), timeout=10, source_address=("127.0.0.2", 0)) as sock:
+        assert sock.recv(200).startswith(b"220 ")

@@ -107,13 +107,13 @@ impl Limiter {
         let network = ban_key(ip);
         if let Some(until) = state.banned.get(&network).copied() {
             if now < until {
-                return Err("client address temporarily banned after failed logins");
+                return Err("Client address temporarily banned after failed logins");
             }
             state.banned.remove(&network);
         }
         let cap = self.limits.connection_rate;
         if cap > 0 && state.connections.record(&ip, now, cap + 1) > cap {
-            return Err("too many connections per minute from this address");
+            return Err("Too many connections per minute from this address");
         }
         Ok(())
     }
