@@ -26,6 +26,10 @@ pub struct Authenticator {
     pub restrict_senders: bool,
     configured: HashMap<String, Account>,
     db: Arc<AccountDb>,
+    /// Password checks running at once. Each argon2id check takes 19 MiB and tens of
+    /// milliseconds of CPU; without a bound, many connections trying passwords together
+    /// could exhaust memory. One per core keeps the CPU busy and nothing more.
+    hashing: tokio::sync::Semaphore,
 }
 
 impl Authenticator {
@@ -78,6 +82,9 @@ impl Authenticator {
             restrict_senders: config.restrict_senders,
             configured,
             db: Arc::new(db),
+            hashing: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
         })
     }
 
@@ -113,6 +120,7 @@ impl Authenticator {
                     .and_then(|hash| hash.parse::<PasswordHash>().ok());
                 // argon2 takes tens of milliseconds of CPU: off the I/O threads. An unknown
                 // user still costs a hash, so the timing does not tell.
+                let _slot = self.hashing.acquire().await;
                 let verified = tokio::task::spawn_blocking(move || {
                     sasl::verify_password(hash.as_ref(), password.expose())
                 })
