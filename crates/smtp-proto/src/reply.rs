@@ -108,7 +108,14 @@ pub const RESET_OK: Reply = Reply::new(250, st(2, 0, 0), "Reset state");
 pub const SENDER_OK: Reply = Reply::new(250, st(2, 1, 0), "Sender ok");
 pub const RECIPIENT_OK: Reply = Reply::new(250, st(2, 1, 5), "Recipient ok");
 pub const BYE: Reply = Reply::new(221, st(2, 0, 0), "Bye");
-pub const START_DATA: Reply = Reply::new(354, st(2, 0, 0), "End data with <CR><LF>.<CR><LF>");
+/// RFC 2034 section 4 puts enhanced status codes on 2xx, 4xx and 5xx replies: the
+/// intermediate 354 has none.
+pub const START_DATA: Reply = Reply {
+    code: 354,
+    status: None,
+    text: Cow::Borrowed("End data with <CR><LF>.<CR><LF>"),
+    close: false,
+};
 pub const READY_TO_START_TLS: Reply = Reply::new(220, st(2, 0, 0), "Ready to start TLS");
 /// RFC 5321 section 3.5.3: 252 when the server will not verify but will accept mail.
 pub const VRFY_CANNOT_VERIFY: Reply =
