@@ -371,3 +371,24 @@ def start_postfix(tmp_path):
             instance.stop()
         finally:
             print(instance.describe())
+
+
+def no_verify():
+    """A client TLS context that accepts any certificate (the servers' are self-signed)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def add_user(data_dir, name, password, *args):
+    """Creates an account with `postilion user add`, the password on standard input."""
+    result = subprocess.run(
+        [str(BINARY), "user", "add", name, "--data", str(data_dir), *args],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

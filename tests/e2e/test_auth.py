@@ -7,14 +7,13 @@ import shutil
 import smtplib
 import socket
 import sqlite3
-import ssl
 import subprocess
 import time
 
 import pytest
 from scramp import ScramClient
 
-from conftest import BINARY, RawClient
+from conftest import BINARY, RawClient, add_user, no_verify
 
 PASSWORD = "correct horse battery staple"
 
@@ -23,25 +22,6 @@ LISTENERS = [
     {"name": "submission", "address": "127.0.0.1:0", "role": "submission"},
     {"name": "submissions", "address": "127.0.0.1:0", "role": "submissions"},
 ]
-
-
-def no_verify():
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def add_user(data_dir, name, password=PASSWORD, *args):
-    result = subprocess.run(
-        [str(BINARY), "user", "add", name, "--data", str(data_dir), *args],
-        input=password + "\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 @pytest.fixture
@@ -301,7 +281,7 @@ def test_senders_are_checked_and_rates_limited(auth_server):
 
 def test_accounts_from_the_cli_and_the_config(start_server, tmp_path):
     data = tmp_path / "cli-data"
-    add_user(data, "Frank@Localhost")
+    add_user(data, "Frank@Localhost", PASSWORD)
     listed = subprocess.run([str(BINARY), "user", "list", "--data", str(data)], capture_output=True, text=True, timeout=30)
     assert listed.stdout == "frank@localhost\tenabled\tfrank@localhost\n"
     # A configured account, with hashes made by the CLI in another data directory.

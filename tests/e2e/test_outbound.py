@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 
-import pytest
 
 SENDER = "alice@localhost"
 
@@ -68,6 +67,7 @@ def report_fields(notice):
     blocks = []
     for chunk in text.split("\n\n")[1:]:
         fields = {}
+        last = None
         for line in chunk.strip("\n").split("\n"):
             if not line:
                 continue

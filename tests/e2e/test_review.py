@@ -9,7 +9,6 @@ import os
 import shutil
 import smtplib
 import socket
-import ssl
 import subprocess
 import tempfile
 import threading
@@ -19,28 +18,10 @@ from pathlib import Path
 import pytest
 from scramp import ScramClient
 
-from conftest import BINARY, RawClient
+from conftest import RawClient, add_user, no_verify
 from test_outbound import bounces, relay, report_fields, send
 
 PASSWORD = "correct horse battery staple"
-
-
-def no_verify():
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def add_user(data_dir, name, *args):
-    result = subprocess.run(
-        [str(BINARY), "user", "add", name, "--data", str(data_dir), *args],
-        input=PASSWORD + "\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def scram_login(client, user, password):
@@ -61,7 +42,7 @@ def scram_login(client, user, password):
 
 def test_relay_permission_from_auth_before_starttls_does_not_survive_it(start_server, tmp_path):
     data = tmp_path / "data"
-    add_user(data, "alice@localhost", "--sender", "*")
+    add_user(data, "alice@localhost", PASSWORD, "--sender", "*")
     server = start_server(
         listeners=[{"name": "mta", "address": "127.0.0.1:0", "role": "mta", "tls": "starttls", "auth": True}],
         data_dir=data,

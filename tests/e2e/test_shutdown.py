@@ -1,7 +1,6 @@
 """Graceful shutdown: a message in DATA may finish; idle sessions get 421."""
 
 import signal
-import smtplib
 import time
 
 from conftest import RawClient
