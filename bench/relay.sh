@@ -31,6 +31,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
+. bench/lib.sh
 
 rounds=${RELAY_ROUNDS:-3}
 plain_messages=${RELAY_MESSAGES:-20000}
@@ -48,45 +49,11 @@ quiet_wait=${RELAY_QUIET_WAIT:-120}
 sink_host=127.0.0.2
 recipient=user@remote.test
 
-[ "$(id -u)" -eq 0 ] || { echo "relay.sh: needs root (Postfix instance, smtp-sink, cgroups)" >&2; exit 1; }
-
-# Postfix (and smtp-sink, which comes with it), installed without a system configuration
-# ("No configuration" leaves no /etc/postfix/main.cf); every instance here has its own.
-if [ ! -x /usr/sbin/postfix ] || ! command -v smtp-sink >/dev/null; then
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold postfix >/dev/null
-fi
+bench_need_root "Postfix instance, smtp-sink, cgroups"
+bench_install_postfix
 command -v openssl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
-# The system instance must not run: it would compete for the CPU and the disk.
-if [ -f /etc/postfix/main.cf ] && /usr/sbin/postfix status >/dev/null 2>&1; then
-  /usr/sbin/postfix stop >/dev/null 2>&1 || true
-fi
-if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-  systemctl disable --now --quiet postfix.service >/dev/null 2>&1 || true
-fi
-
-postilion=${POSTILION_BIN:-}
-loadgen=${LOADGEN_BIN:-}
-tls_sink=${TLS_SINK_BIN:-}
-if [ -z "$postilion" ] || [ -z "$loadgen" ] || [ -z "$tls_sink" ]; then
-  cargo build --release -q -p postilion -p loadgen
-  postilion=${postilion:-$repo/target/release/postilion}
-  loadgen=${loadgen:-$repo/target/release/loadgen}
-  tls_sink=${tls_sink:-$repo/target/release/tls-sink}
-fi
-
-# CPU time is read from cgroups made for each run, which also count processes that exit
-# during the run (Postfix daemons come and go): one for the relay, one for the harness
-# (loadgen, the sink, the watcher). cgroup v1 cpuacct, or v2.
-if [ -f /sys/fs/cgroup/cpuacct/cpuacct.usage ]; then
-  cgroup_root=/sys/fs/cgroup/cpuacct
-elif [ -f /sys/fs/cgroup/cgroup.controllers ]; then
-  cgroup_root=/sys/fs/cgroup
-else
-  echo "relay.sh: no cpuacct (v1) or cgroup v2 hierarchy under /sys/fs/cgroup" >&2; exit 1
-fi
+bench_binaries "$repo"
+bench_cgroup_root
 
 parent=${1:-$repo/target}
 work=$(mktemp -d "$parent/bench-relay.XXXXXX")
@@ -98,64 +65,21 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
   -subj /CN=sink.bench.test -keyout "$work/sink-key.pem" -out "$work/sink-cert.pem" 2>/dev/null
 
 cg= harness= sink_pid= watch_pid= relay_pid= postfix_etc=
-stop_postfix() {
-  [ -n "$postfix_etc" ] || return 0
-  local pid
-  pid=$(head -1 "$postfix_etc/../spool/pid/master.pid" 2>/dev/null | tr -d ' ' || true)
-  /usr/sbin/postfix -c "$postfix_etc" stop >/dev/null 2>&1 || true
-  for _ in $(seq 100); do { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; } || break; sleep 0.1; done
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
-  postfix_etc=
-}
 stop_relay() {
   if [ -n "$relay_pid" ]; then kill -TERM "$relay_pid" 2>/dev/null || true; wait "$relay_pid" 2>/dev/null || true; relay_pid=; fi
-  stop_postfix
+  bench_stop_postfix
 }
 stop_sink() {
   if [ -n "$sink_pid" ]; then kill -TERM "$sink_pid" 2>/dev/null || true; wait "$sink_pid" 2>/dev/null || true; sink_pid=; fi
   if [ -n "$watch_pid" ]; then wait "$watch_pid" 2>/dev/null || true; watch_pid=; fi
 }
-remove_cgroup() { # path
-  [ -n "$1" ] && [ -d "$1" ] || return 0
-  for _ in $(seq 50); do [ -s "$1/cgroup.procs" ] || break; sleep 0.1; done
-  rmdir "$1" 2>/dev/null || echo "relay.sh: cannot remove $1 (processes left: $(tr '\n' ' ' <"$1/cgroup.procs"))" >&2
-}
 cleanup() {
-  stop_relay; stop_sink; remove_cgroup "$cg"; remove_cgroup "$harness"
+  stop_relay; stop_sink; bench_remove_cgroup "$cg"; bench_remove_cgroup "$harness"
   if [ "$keep" = 1 ]; then echo "work directory kept: $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
-free_port() {
-  python3 -c 'import socket, sys
-s = socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "$1"
-}
-
-# Percentage of the machine's CPU time that was busy over the next second, niced work (which
-# yields to ours) left out.
-busy_percent() {
-  python3 -c 'import time
-def busy():
-    f = [int(v) for v in open("/proc/stat").readline().split()[1:9]]
-    return f[0] + f[2] + sum(f[5:8]), sum(f)
-b0, t0 = busy(); time.sleep(1); b1, t1 = busy()
-print(round(100 * (b1 - b0) / max(1, t1 - t0)))'
-}
-
-# Other work on the machine (builds, tests) distorts the figures: wait, within limits, for
-# it to calm down. The table reports the share of CPU others used during each run anyway.
-wait_for_quiet() {
-  local waited=0 busy
-  while [ "$waited" -lt "$quiet_wait" ]; do
-    busy=$(busy_percent)
-    [ "$busy" -lt "$quiet" ] && return 0
-    [ "$waited" = 0 ] && echo "machine ${busy}% busy; waiting up to ${quiet_wait}s for it to fall below ${quiet}%" >&2
-    waited=$((waited + 1))
-  done
-  echo "machine still ${busy}% busy; running anyway" >&2
-}
-
-cpu_now() { python3 "$repo/bench/relay_watch.py" cpu "$cg" "$harness"; }
+cpu_now() { python3 "$repo/bench/watch.py" cpu "$cg" "$harness"; }
 
 start_postilion() { # run-dir tls-mode sink-port
   local run=$1 tls=$2 sink_port=$3
@@ -190,84 +114,24 @@ TOML
   [ -n "$relay_port" ] || { echo "relay.sh: postilion did not start:" >&2; cat "$run/log" >&2; exit 1; }
 }
 
-# A private Postfix instance: its own config, queue and data directories and log file,
-# listening only on a loopback port, relaying everything to the sink, no DNS lookups.
-# Everything else is Postfix's default, including its durable queue (queue files are
-# fsynced before the 250) and its in-flow control.
+# A private Postfix instance (bench/lib.sh) relaying everything to the sink.
 start_postfix() { # run-dir tls-mode sink-port
   local run=$1 tls=$2 sink_port=$3 level=none
   [ "$tls" = opportunistic ] && level=may
-  mkdir -p "$run/postfix/etc" "$run/postfix/spool"
-  relay_port=$(free_port 127.0.0.1)
-  cat >"$run/postfix/etc/main.cf" <<CF
-compatibility_level = 3.6
-queue_directory = $run/postfix/spool
-data_directory = $run/postfix/data
-mail_owner = postfix
-setgid_group = postdrop
-syslog_name = postfix-relaybench
-maillog_file = $run/postfix/maillog
-maillog_file_prefixes = $run/postfix
-myhostname = relay.bench.test
-mydomain = bench.test
-myorigin = \$myhostname
-mydestination =
-relay_domains =
-local_recipient_maps =
-alias_maps =
-alias_database =
-biff = no
-append_dot_mydomain = no
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
+  relay_port=$(bench_free_port 127.0.0.1)
+  bench_postfix_config "$run/postfix" "$relay_port" relay.bench.test "\
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-smtpd_peername_lookup = no
-smtp_dns_support_level = disabled
 relayhost = [$sink_host]:$sink_port
 smtp_tls_security_level = $level
 default_destination_concurrency_limit = $concurrency
-${RELAY_POSTFIX_MAIN_CF:-}
-CF
-  # The services a relay uses, none chrooted; smtpd listens on the loopback port only.
-  cat >"$run/postfix/etc/master.cf" <<CF
-127.0.0.1:$relay_port inet n - n - - smtpd
-pickup     unix  n - n 60    1 pickup
-cleanup    unix  n - n -     0 cleanup
-qmgr       unix  n - n 300   1 qmgr
-tlsmgr     unix  - - n 1000? 1 tlsmgr
-rewrite    unix  - - n -     - trivial-rewrite
-bounce     unix  - - n -     0 bounce
-defer      unix  - - n -     0 bounce
-trace      unix  - - n -     0 bounce
-verify     unix  - - n -     1 verify
-flush      unix  n - n 1000? 0 flush
-proxymap   unix  - - n -     - proxymap
-proxywrite unix  - - n -     1 proxymap
-smtp       unix  - - n -     - smtp
-relay      unix  - - n -     - smtp
-showq      unix  n - n -     - showq
-error      unix  - - n -     - error
-retry      unix  - - n -     - error
-discard    unix  - - n -     - discard
-anvil      unix  - - n -     1 anvil
-scache     unix  - - n -     1 scache
-tlsproxy   unix  - - n -     0 tlsproxy
-postlog    unix-dgram n - n - 1 postlogd
-CF
-  postfix_etc=$run/postfix/etc
-  # "postfix start" returns once the master listens; the master and every daemon it starts
-  # stay in the cgroup.
-  if ! ( echo "$BASHPID" >"$cg/cgroup.procs"; exec /usr/sbin/postfix -c "$postfix_etc" start ) \
-    >"$run/postfix/start.out" 2>&1; then
-    echo "relay.sh: postfix did not start:" >&2; cat "$run/postfix/start.out" "$run/postfix/maillog" >&2 2>/dev/null; exit 1
-  fi
+${RELAY_POSTFIX_MAIN_CF:-}"
+  bench_start_postfix "$run/postfix" "$cg"
 }
 
 # One measured run: fresh directories, sink, relay, load; appends a line to $results.
 run_once() { # round relay tls-mode
   local round=$1 relay=$2 tls=$3
-  wait_for_quiet
+  bench_wait_for_quiet "$quiet" "$quiet_wait"
   local run=$work/$round-$relay-$tls messages=$plain_messages sink=$plain_sink
   [ "$tls" = none ] || { messages=$tls_messages; sink=tls-sink-starttls; }
   mkdir -p "$run"
@@ -276,10 +140,10 @@ run_once() { # round relay tls-mode
   harness=$cgroup_root/postilion-relay-bench-$$-$round-$relay-$tls-harness
   mkdir "$cg" "$harness"
   local sink_port
-  sink_port=$(free_port "$sink_host")
+  sink_port=$(bench_free_port "$sink_host")
   mkfifo "$run/sink.fifo"
   ( echo "$BASHPID" >"$harness/cgroup.procs"
-    exec python3 "$repo/bench/relay_watch.py" --messages "$messages" --cgroup "$cg" --harness "$harness" \
+    exec python3 "$repo/bench/watch.py" --messages "$messages" --cgroup "$cg" --harness "$harness" \
       --done "$run/done.json" --out "$run/watch.json" ) <"$run/sink.fifo" &
   watch_pid=$!
   case $sink in
@@ -293,7 +157,7 @@ run_once() { # round relay tls-mode
     *) echo "relay.sh: unknown sink $sink" >&2; exit 1 ;;
   esac
   sink_pid=$!
-  for _ in $(seq 100); do ss -Hltn "sport = :$sink_port" | grep -q . && break; sleep 0.05; done
+  bench_wait_listening "$sink_port" || true
 
   "start_$relay" "$run" "$tls" "$sink_port"
   sleep 1 # let start-up work settle before the CPU reading
@@ -323,19 +187,17 @@ run_once() { # round relay tls-mode
   fi
   stop_relay
   stop_sink
-  remove_cgroup "$cg"; remove_cgroup "$harness"; cg= harness=
+  bench_remove_cgroup "$cg"; bench_remove_cgroup "$harness"; cg= harness=
 
-  local log problems
+  local problems
   if [ "$relay" = postilion ]; then
-    log=$run/log
-    problems=$(grep -E ' (WARN|ERROR) ' "$log" || true)
+    problems=$(bench_log_problems postilion "$run/log")
   else
-    log=$run/postfix/maillog
-    problems=$(grep -E 'warning:|error:|fatal:|panic:|status=(deferred|bounced)' "$log" || true)
+    problems=$(bench_log_problems postfix "$run/postfix/maillog")
   fi
   if [ -n "$problems" ]; then
     echo "round $round $relay tls=$tls: $(echo "$problems" | wc -l) warning/error log lines, first ones:" >&2
-    echo "$problems" | head -5 >&2
+    head -5 <<<"$problems" >&2
   fi
   [ "$status" = ok ] || { echo "round $round $relay tls=$tls: $status; loadgen said:" >&2; tail -3 "$run/loadgen.err" >&2; }
   python3 - "$round" "$relay" "$tls" "$sink" "$status" "$t0" "$cpu0" "$load" "$run" "${hwm:-0}" \
