@@ -403,13 +403,34 @@ pub fn bind_sockets(config: &Config) -> anyhow::Result<Vec<std::net::TcpListener
         .listeners
         .iter()
         .map(|listener| {
-            let socket = std::net::TcpListener::bind(listener.address).with_context(|| {
+            listen(listener.address).with_context(|| {
                 format!("binding listener {} to {}", listener.name, listener.address)
-            })?;
-            socket.set_nonblocking(true).context("making the listening socket non-blocking")?;
-            Ok(socket)
+            })
         })
         .collect()
+}
+
+/// The queue of connections the kernel completes before we accept them. The standard
+/// library's 128 overflows in bursts (hundreds of clients connecting at once, as after a
+/// network outage), and the excess then wait for retransmission timeouts.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A non-blocking listening socket on `address`, with [`LISTEN_BACKLOG`].
+fn listen(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+    let family = if address.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+    let socket = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    // As the standard library does: a restarted server can bind while old connections of
+    // the previous one linger in TIME_WAIT.
+    sockopt::set_socket_reuseaddr(&socket, true)?;
+    rustix::net::bind(&socket, &address)?;
+    rustix::net::listen(&socket, LISTEN_BACKLOG)?;
+    Ok(std::net::TcpListener::from(socket))
 }
 
 /// Sets up every configured listener on its bound socket, printing where each listens.
