@@ -11,6 +11,7 @@
 //! change at the next login.
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -108,20 +109,35 @@ const SCHEMA: &str = "
     ) WITHOUT ROWID;
 ";
 
+fn connect(path: &Path) -> Result<Connection, AccountError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let context = || format!("opening {}", path.display());
+    // Created private before SQLite opens it: it holds password hashes.
+    if let Err(source) =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path)
+    {
+        return Err(AccountError::Io { context: context(), source });
+    }
+    let connection = Connection::open(path).context(context)?;
+    connection.busy_timeout(BUSY_TIMEOUT).context(context)?;
+    connection.pragma_update(None, "journal_mode", "WAL").context(context)?;
+    connection.pragma_update(None, "synchronous", "FULL").context(context)?;
+    Ok(connection)
+}
+
 /// How long a statement waits for another connection's write (the CLI's, a server's).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The accounts database. Each call is one short statement on its own connection, so the
-/// type is cheap to share: open it once and call it from blocking threads.
+/// The accounts database: one connection, each call one short statement under its lock.
+/// Open it once and call it from blocking threads.
 pub struct AccountDb {
-    path: std::path::PathBuf,
+    connection: Mutex<Connection>,
 }
 
 impl AccountDb {
     /// Opens (creating if needed, mode 0600) the database at `path`.
     pub fn open(path: &Path) -> Result<AccountDb, AccountError> {
-        let db = AccountDb { path: path.to_path_buf() };
-        let connection = db.connect()?;
+        let connection = connect(path)?;
         let context = || format!("creating the accounts schema in {}", path.display());
         connection.execute_batch("BEGIN IMMEDIATE").context(context)?;
         let result = (|| {
@@ -140,33 +156,17 @@ impl AccountDb {
         let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
         connection.execute_batch(end).context(context)?;
         result?;
-        Ok(db)
+        Ok(AccountDb { connection: Mutex::new(connection) })
     }
 
-    fn connect(&self) -> Result<Connection, AccountError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let context = || format!("opening {}", self.path.display());
-        // Created private before SQLite opens it: it holds password hashes.
-        if let Err(source) = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&self.path)
-        {
-            return Err(AccountError::Io { context: context(), source });
-        }
-        let connection = Connection::open(&self.path).context(context)?;
-        connection.busy_timeout(BUSY_TIMEOUT).context(context)?;
-        connection.pragma_update(None, "journal_mode", "WAL").context(context)?;
-        connection.pragma_update(None, "synchronous", "FULL").context(context)?;
-        Ok(connection)
+    fn connection(&self) -> MutexGuard<'_, Connection> {
+        self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The account with this login name.
     pub fn get(&self, name: &str) -> Result<Option<Account>, AccountError> {
         let name = normalize_name(name);
-        let connection = self.connect()?;
+        let connection = self.connection();
         let row = connection
             .query_row(
                 "SELECT name, password_hash, scram, senders, enabled FROM account WHERE name = ?1",
@@ -191,7 +191,7 @@ impl AccountDb {
         let name = normalize_name(&account.name);
         let senders = serde_json::to_string(&account.senders)
             .map_err(|e| AccountError::Corrupt { name: name.clone(), reason: e.to_string() })?;
-        self.connect()?
+        self.connection()
             .execute(
                 "INSERT INTO account (name, password_hash, scram, senders, enabled)
                  VALUES (?1, ?2, ?3, ?4, ?5)
@@ -207,7 +207,7 @@ impl AccountDb {
     pub fn remove(&self, name: &str) -> Result<(), AccountError> {
         let name = normalize_name(name);
         let removed = self
-            .connect()?
+            .connection()
             .execute("DELETE FROM account WHERE name = ?1", [&name])
             .context(|| format!("removing account {name}"))?;
         match removed {
@@ -218,7 +218,7 @@ impl AccountDb {
 
     /// Every account, by name.
     pub fn list(&self) -> Result<Vec<Account>, AccountError> {
-        let connection = self.connect()?;
+        let connection = self.connection();
         let context = || "listing accounts".to_string();
         let mut select = connection
             .prepare(

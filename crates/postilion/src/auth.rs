@@ -109,14 +109,16 @@ impl Authenticator {
         }
     }
 
-    /// Answers what an exchange asks about a user. Unknown and disabled accounts look the
+    /// Answers what an exchange asks about a user, with the account looked up, which the
+    /// session keeps should the exchange succeed. Unknown and disabled accounts look the
     /// same to the client as a wrong password.
-    pub async fn credentials(&self, request: CredentialRequest) -> Credentials {
+    pub async fn credentials(&self, request: CredentialRequest) -> (Credentials, Option<Account>) {
         let account = self.account(request.authcid()).await;
-        match request {
+        let credentials = match request {
             CredentialRequest::Password { password, .. } => {
                 let hash = account
-                    .and_then(|account| account.password_hash)
+                    .as_ref()
+                    .and_then(|account| account.password_hash.as_ref())
                     .and_then(|hash| hash.parse::<PasswordHash>().ok());
                 // argon2 takes tens of milliseconds of CPU: off the I/O threads. An unknown
                 // user still costs a hash, so the timing does not tell.
@@ -129,10 +131,11 @@ impl Authenticator {
                 Credentials::PasswordVerified(verified)
             }
             CredentialRequest::Scram { .. } => Credentials::Scram(
-                account.and_then(|account| account.scram).and_then(|scram| scram.parse().ok()),
+                account.as_ref().and_then(|account| account.scram.as_ref()?.parse().ok()),
             ),
             CredentialRequest::CramMd5 { .. } => Credentials::CramMd5Secret(None),
-        }
+        };
+        (credentials, account)
     }
 }
 
@@ -207,14 +210,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let auth = authenticator(dir.path());
         let verified = |c| matches!(c, Credentials::PasswordVerified(true));
-        assert!(verified(auth.credentials(password("alice@example.org", "alice pw")).await));
-        assert!(!verified(auth.credentials(password("alice@example.org", "wrong")).await));
-        assert!(verified(auth.credentials(password("app@example.org", "configured pw")).await));
-        assert!(!verified(auth.credentials(password("off@example.org", "off pw")).await));
-        assert!(!verified(auth.credentials(password("nobody@example.org", "x")).await));
+        assert!(verified(auth.credentials(password("alice@example.org", "alice pw")).await.0));
+        assert!(!verified(auth.credentials(password("alice@example.org", "wrong")).await.0));
+        assert!(verified(auth.credentials(password("app@example.org", "configured pw")).await.0));
+        assert!(!verified(auth.credentials(password("off@example.org", "off pw")).await.0));
+        assert!(!verified(auth.credentials(password("nobody@example.org", "x")).await.0));
         let scram = auth
             .credentials(CredentialRequest::Scram { authcid: "ALICE@example.org".into() })
-            .await;
+            .await
+            .0;
         assert!(matches!(scram, Credentials::Scram(Some(_))));
     }
 

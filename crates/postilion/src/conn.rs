@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use accounts::Account;
+use accounts::{Account, normalize_name};
 use sasl::{AuthErrorKind, Mechanism, ServerExchange};
 
 use crate::config::{Role, TlsMode};
@@ -58,6 +58,7 @@ pub async fn serve(
         exchange: None,
         auth_name: None,
         account: None,
+        checked_account: None,
         messages: 0,
         shutting_down: None,
     };
@@ -118,6 +119,8 @@ struct Driver<'a> {
     auth_name: Option<String>,
     /// The account of the authenticated user.
     account: Option<Arc<Account>>,
+    /// The account looked up for the credentials of the exchange in progress.
+    checked_account: Option<Account>,
     /// Messages accepted in this connection.
     messages: u32,
     /// Set when shutdown began: the moment by which a message in progress must be done.
@@ -139,6 +142,7 @@ impl Driver<'_> {
                 self.account = None;
                 self.exchange = None;
                 self.auth_name = None;
+                self.checked_account = None;
                 Ok(tls)
             }
             Ok(Err(error)) => {
@@ -333,7 +337,8 @@ impl Driver<'_> {
                 sasl::Step::NeedCredentials(request) => {
                     let Some(authenticator) = &self.server.authenticator else { return };
                     self.auth_name = Some(request.authcid().to_string());
-                    let credentials = authenticator.credentials(request).await;
+                    let (credentials, account) = authenticator.credentials(request).await;
+                    self.checked_account = account;
                     match self.exchange.as_mut() {
                         Some(exchange) => exchange.resume(credentials),
                         None => return,
@@ -341,12 +346,13 @@ impl Driver<'_> {
                 }
                 sasl::Step::Success { authcid, authzid } => {
                     self.exchange = None;
-                    let account = match &self.server.authenticator {
-                        Some(authenticator) => authenticator.account(&authzid).await,
-                        None => None,
-                    };
+                    // The account whose credentials were just checked. Without an
+                    // authorization policy the identity is always that account's own name.
+                    let account = self
+                        .checked_account
+                        .take()
+                        .filter(|account| account.name == normalize_name(&authzid));
                     let Some(account) = account else {
-                        // Removed or disabled between the check and now.
                         session.auth_failure(reply::AUTH_TEMPORARY_FAILURE);
                         return;
                     };

@@ -143,15 +143,16 @@ async fn serve(config: Config, sockets: Vec<std::net::TcpListener>) -> anyhow::R
         outbound::Outbound::new(config.outbound.clone(), &config.dns, &config.hostname)
             .context("setting up outbound delivery")?,
     );
-    tokio::spawn({
+    // With idle_timeout = 0 nothing is ever pooled, so there is nothing to reap.
+    if let Some(interval) = outbound.reap_interval() {
         let outbound = outbound.clone();
-        async move {
+        tokio::spawn(async move {
             loop {
-                tokio::time::sleep(outbound.reap_interval()).await;
+                tokio::time::sleep(interval).await;
                 outbound.reap_idle().await;
             }
-        }
-    });
+        });
+    }
     let notifier = Arc::new(notify::Notifier {
         hostname: config.hostname.clone(),
         return_size_limit: usize::try_from(config.delivery.bounce_size_limit).unwrap_or(usize::MAX),

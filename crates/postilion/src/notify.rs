@@ -58,28 +58,23 @@ impl Notifier {
             (
                 Attempt::Failed { status, reason, remote_reply, remote_host, .. },
                 RecipientStatus::Failed { .. },
-            ) => {
-                let diagnostic = match remote_reply {
-                    Some(reply) => Diagnostic::Smtp(reply.clone()),
-                    None => Diagnostic::Local(reason.clone()),
-                };
-                (Action::Failed, *status, remote_host.clone(), Some(diagnostic))
-            }
+            ) => (
+                Action::Failed,
+                *status,
+                remote_host.clone(),
+                Some(diagnostic(remote_reply.as_deref(), reason)),
+            ),
             (
                 Attempt::Failed { status, reason, remote_reply, remote_host, .. },
                 RecipientStatus::Deferred { .. },
             ) if delay_due.is_some() => {
-                let diagnostic = match remote_reply {
-                    Some(reply) => Diagnostic::Smtp(reply.clone()),
-                    None => Diagnostic::Local(reason.clone()),
-                };
                 // RFC 3464 section 2.3.3: "delayed" carries a 4.X.X status.
                 let EnhancedStatus(_, subject, detail) = *status;
                 (
                     Action::Delayed,
                     EnhancedStatus(4, subject, detail),
                     remote_host.clone(),
-                    Some(diagnostic),
+                    Some(diagnostic(remote_reply.as_deref(), reason)),
                 )
             }
             _ => return None,
@@ -195,5 +190,14 @@ impl Notifier {
             info!(queue_id = %id, notice = %notice.id, to = ?to, "delivery status notification queued");
             queue.submit(notice.id, notice.envelope, notice.recipients);
         }
+    }
+}
+
+/// The Diagnostic-Code of a failure: the remote server's reply when there was one, else our
+/// own reason.
+fn diagnostic(remote_reply: Option<&str>, reason: &str) -> Diagnostic {
+    match remote_reply {
+        Some(reply) => Diagnostic::Smtp(reply.to_string()),
+        None => Diagnostic::Local(reason.to_string()),
     }
 }

@@ -519,9 +519,10 @@ impl Outbound {
         }
     }
 
-    /// How often [`Outbound::reap_idle`] should run.
-    pub fn reap_interval(&self) -> Duration {
-        (self.config.idle_timeout / 2).max(Duration::from_millis(100))
+    /// How often [`Outbound::reap_idle`] should run; `None` when connections are not kept.
+    pub fn reap_interval(&self) -> Option<Duration> {
+        let timeout = self.config.idle_timeout;
+        (!timeout.is_zero()).then(|| (timeout / 2).max(Duration::from_millis(100)))
     }
 }
 
