@@ -1,31 +1,42 @@
 //! Crash-safe delivery of messages into Maildir mailboxes.
 //!
 //! Each mailbox lives at `<root>/<mailbox>/` and holds the usual `tmp/`,
-//! `new/` and `cur/` subdirectories. A delivery follows the classic maildir
+//! `new/` and `cur/` subdirectories. A delivery follows the maildir
 //! protocol, made durable:
 //!
-//! 1. create a uniquely named file in `tmp/` (`O_CREAT | O_EXCL`, mode 0600),
+//! 1. create a file in `tmp/`: on Linux an unnamed one (`O_TMPFILE`, mode
+//!    0600), elsewhere a uniquely named one (`O_CREAT | O_EXCL`),
 //! 2. write the whole message and `fsync` the file,
-//! 3. hard-link it into `new/` under the same name (a link never replaces an
+//! 3. hard-link it into `new/` under a unique name (a link never replaces an
 //!    existing entry; filesystems without hard links fall back to `rename`),
 //! 4. `fsync` the `new/` directory, and only then
-//! 5. unlink the `tmp/` name.
+//! 5. unlink the `tmp/` name, if it has one.
 //!
 //! A message is therefore either complete in `new/` or absent from it, even
-//! after `kill -9` or a power failure. A crash between steps 3 and 5 can
-//! leave a stale copy in `tmp/`, which maildir readers ignore and which tmp
-//! cleaners remove (the usual rule is anything older than 36 hours).
+//! after `kill -9` or a power failure. With a named `tmp/` file, a crash
+//! between steps 3 and 5 can leave a stale copy in `tmp/`, which maildir
+//! readers ignore and which tmp cleaners remove (the usual rule is anything
+//! older than 36 hours); an unnamed file simply disappears with the crash.
+//!
+//! The unnamed file is not only tidier. Creating and unlinking names in
+//! `tmp/` takes the directory's lock twice per message, so concurrent
+//! deliveries into one mailbox queue behind each other while the file system
+//! allocates an inode; `O_TMPFILE` takes no lock on `tmp/` at all.
+//!
+//! Deliveries into the same mailbox share the `fsync` of `new/` (group
+//! commit): one `fsync` that starts after a delivery's link covers it, so
+//! concurrent deliveries wait for one flush instead of one each.
 //!
 //! The calls are blocking; async callers should run them on a blocking
 //! thread pool (for example `tokio::task::spawn_blocking`).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Permission bits of directories created by this crate.
@@ -117,8 +128,8 @@ pub struct MaildirRoot {
 struct Inner {
     root: PathBuf,
     /// Mailboxes whose directories are known to exist and to have been made
-    /// durable by this process.
-    ready: Mutex<HashSet<String>>,
+    /// durable by this process, with the group commit of their `new/`.
+    ready: Mutex<HashMap<String, Arc<DirSync>>>,
 }
 
 impl MaildirRoot {
@@ -126,7 +137,7 @@ impl MaildirRoot {
     /// disk until the first delivery.
     pub fn new(root: impl Into<PathBuf>) -> MaildirRoot {
         MaildirRoot {
-            inner: Arc::new(Inner { root: root.into(), ready: Mutex::new(HashSet::new()) }),
+            inner: Arc::new(Inner { root: root.into(), ready: Mutex::new(HashMap::new()) }),
         }
     }
 
@@ -156,39 +167,23 @@ impl MaildirRoot {
             return Err(MaildirError::InvalidMailbox(mailbox.to_owned()));
         }
         let maildir = self.inner.root.join(mailbox);
-        self.prepare(mailbox, &maildir)?;
+        let mut new_dir_sync = self.prepare(mailbox, &maildir)?;
         let size = prefix.len() + content.len();
         let name = unique_name(size);
-        let tmp_path = maildir.join("tmp").join(&name);
-
-        let file = match create_message_file(&tmp_path) {
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                // The maildir was removed behind our back: set it up again.
-                self.forget(mailbox);
-                self.prepare(mailbox, &maildir)?;
-                create_message_file(&tmp_path)
-            }
-            other => other,
-        }
-        .map_err(|e| MaildirError::io(format!("creating {}", tmp_path.display()), e))?;
-        let mut tmp = TmpFile::new(tmp_path);
-
-        write_and_sync(file, prefix, content)
-            .map_err(|e| MaildirError::io(format!("writing {}", tmp.path().display()), e))?;
-
         let new_dir = maildir.join("new");
         let new_path = new_dir.join(&name);
-        let moved = publish(tmp.path(), &new_path).map_err(|e| {
-            MaildirError::io(
-                format!("moving {} to {}", tmp.path().display(), new_path.display()),
-                e,
-            )
-        })?;
-        if moved {
-            tmp.disarm();
-        }
 
-        if let Err(err) = sync_dir(&new_dir) {
+        let tmp = match self.write_and_link(&maildir, &new_path, prefix, content) {
+            Err(MaildirError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                // The maildir was removed behind our back: set it up again.
+                self.forget(mailbox);
+                new_dir_sync = self.prepare(mailbox, &maildir)?;
+                self.write_and_link(&maildir, &new_path, prefix, content)?
+            }
+            other => other?,
+        };
+
+        if let Err(err) = new_dir_sync.sync(&new_dir) {
             // Whether the new entry is on disk is unknown. The caller will be
             // told to retry, so take the entry back to avoid a duplicate.
             let _ = fs::remove_file(&new_path);
@@ -200,11 +195,53 @@ impl MaildirRoot {
         Ok(new_path)
     }
 
+    /// Steps 1 to 3: the message, synced, under its final name in `new/`.
+    /// Returns the `tmp/` name still to be removed, if there is one.
+    fn write_and_link(
+        &self,
+        maildir: &Path,
+        new_path: &Path,
+        prefix: &[u8],
+        content: &[u8],
+    ) -> Result<Option<TmpFile>, MaildirError> {
+        let tmp_dir = maildir.join("tmp");
+        if let Some(file) = open_unnamed(&tmp_dir)
+            .map_err(|e| MaildirError::io(format!("creating a file in {}", tmp_dir.display()), e))?
+        {
+            write_and_sync(&file, prefix, content)
+                .map_err(|e| MaildirError::io(format!("writing to {}", tmp_dir.display()), e))?;
+            match link_unnamed(&file, new_path) {
+                Ok(true) => return Ok(None),
+                // No /proc to name the file by: write it again the classic way.
+                Ok(false) => {}
+                Err(e) => {
+                    return Err(MaildirError::io(format!("linking {}", new_path.display()), e));
+                }
+            }
+        }
+        let tmp_path = tmp_dir.join(new_path.file_name().unwrap_or_default());
+        let file = create_message_file(&tmp_path)
+            .map_err(|e| MaildirError::io(format!("creating {}", tmp_path.display()), e))?;
+        let mut tmp = TmpFile::new(tmp_path);
+        write_and_sync(&file, prefix, content)
+            .map_err(|e| MaildirError::io(format!("writing {}", tmp.path().display()), e))?;
+        let moved = publish(tmp.path(), new_path).map_err(|e| {
+            MaildirError::io(
+                format!("moving {} to {}", tmp.path().display(), new_path.display()),
+                e,
+            )
+        })?;
+        if moved {
+            tmp.disarm();
+        }
+        Ok(Some(tmp))
+    }
+
     fn forget(&self, mailbox: &str) {
         self.ready_set().remove(mailbox);
     }
 
-    fn ready_set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn ready_set(&self) -> MutexGuard<'_, HashMap<String, Arc<DirSync>>> {
         // The set only caches work already done; a poisoned lock is harmless.
         self.inner.ready.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -215,9 +252,9 @@ impl MaildirRoot {
     /// root directory are synced even when nothing had to be created: another
     /// thread or process may have just created them without having synced
     /// them yet.
-    fn prepare(&self, mailbox: &str, maildir: &Path) -> Result<(), MaildirError> {
-        if self.ready_set().contains(mailbox) {
-            return Ok(());
+    fn prepare(&self, mailbox: &str, maildir: &Path) -> Result<Arc<DirSync>, MaildirError> {
+        if let Some(sync) = self.ready_set().get(mailbox) {
+            return Ok(sync.clone());
         }
         // Parent directories that need an fsync, in creation order.
         let mut to_sync: Vec<PathBuf> = Vec::new();
@@ -239,10 +276,66 @@ impl MaildirRoot {
 
         let mut ready = self.ready_set();
         if ready.len() >= READY_CACHE_LIMIT {
+            // Deliveries in progress keep their own handle; the next ones start
+            // a new group, which is only less sharing.
             ready.clear();
         }
-        ready.insert(mailbox.to_owned());
-        Ok(())
+        Ok(ready.entry(mailbox.to_owned()).or_default().clone())
+    }
+}
+
+/// Group commit of one directory's `fsync`.
+#[derive(Debug, Default)]
+struct DirSync {
+    state: Mutex<DirSyncState>,
+    finished: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct DirSyncState {
+    /// Entries added (each caller of [`DirSync::sync`] counts one).
+    added: u64,
+    /// Every entry up to this count is durable.
+    synced: u64,
+    /// An `fsync` is running.
+    running: bool,
+}
+
+impl DirSync {
+    /// Returns once an `fsync` of `dir` that started after this call did
+    /// (the caller's entry was added before the call), running one itself
+    /// when none is running, otherwise waiting for the one that is.
+    fn sync(&self, dir: &Path) -> io::Result<()> {
+        self.sync_with(|| sync_dir(dir))
+    }
+
+    fn sync_with(&self, fsync: impl Fn() -> io::Result<()>) -> io::Result<()> {
+        let lock = || self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = lock();
+        state.added += 1;
+        let ticket = state.added;
+        loop {
+            if state.synced >= ticket {
+                return Ok(());
+            }
+            if state.running {
+                state = self.finished.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+                continue;
+            }
+            // Everything added so far is linked, so this fsync covers it.
+            let covers = state.added;
+            state.running = true;
+            drop(state);
+            let result = fsync();
+            state = lock();
+            state.running = false;
+            if result.is_ok() {
+                state.synced = state.synced.max(covers);
+            }
+            self.finished.notify_all();
+            // A waiter whose entry this failed fsync covered runs its own.
+            result?;
+        }
     }
 }
 
@@ -305,9 +398,54 @@ fn create_message_file(path: &Path) -> io::Result<File> {
     OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(path)
 }
 
+/// Cleared once the file system or kernel turns out not to support unnamed
+/// files, so later deliveries go straight to the classic way.
+static UNNAMED_FILES: AtomicBool = AtomicBool::new(true);
+
+/// An unnamed file in `dir` (`O_TMPFILE`), or `None` where the kernel or the
+/// file system has none.
+fn open_unnamed(dir: &Path) -> io::Result<Option<File>> {
+    use rustix::fs::{Mode, OFlags};
+    if !UNNAMED_FILES.load(Ordering::Relaxed) {
+        return Ok(None);
+    }
+    let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
+    match rustix::fs::open(dir, flags, Mode::from_raw_mode(FILE_MODE)) {
+        Ok(fd) => Ok(Some(File::from(fd))),
+        // open(2): EISDIR or EOPNOTSUPP when O_TMPFILE is not supported;
+        // kernels before 3.11 may say EINVAL.
+        Err(e)
+            if e == rustix::io::Errno::OPNOTSUPP
+                || e == rustix::io::Errno::ISDIR
+                || e == rustix::io::Errno::INVAL =>
+        {
+            UNNAMED_FILES.store(false, Ordering::Relaxed);
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Gives an unnamed file its name in `new/`. Linking by descriptor
+/// (`AT_EMPTY_PATH`) needs a capability the server gives up, so the file is
+/// named through `/proc/self/fd`. `Ok(false)` when there is no `/proc`.
+fn link_unnamed(file: &File, new: &Path) -> io::Result<bool> {
+    use rustix::fs::{AtFlags, CWD};
+    use std::os::fd::AsRawFd;
+    let by_descriptor = format!("/proc/self/fd/{}", file.as_raw_fd());
+    match rustix::fs::linkat(CWD, &by_descriptor, CWD, new, AtFlags::SYMLINK_FOLLOW) {
+        Ok(()) => Ok(true),
+        Err(e) if e == rustix::io::Errno::NOENT && !Path::new("/proc/self/fd").is_dir() => {
+            UNNAMED_FILES.store(false, Ordering::Relaxed);
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Writes `prefix` then `content` with vectored writes until everything is
 /// written, then flushes data and metadata to stable storage.
-fn write_and_sync(mut file: File, prefix: &[u8], content: &[u8]) -> io::Result<()> {
+fn write_and_sync(mut file: &File, prefix: &[u8], content: &[u8]) -> io::Result<()> {
     let mut slices = [IoSlice::new(prefix), IoSlice::new(content)];
     let mut remaining: &mut [IoSlice<'_>] = &mut slices;
     IoSlice::advance_slices(&mut remaining, 0);
@@ -453,6 +591,75 @@ mod tests {
         assert!(usecs.parse::<u32>().unwrap() < 1_000_000);
         let (pid, _) = rest.split_once('Q').unwrap();
         assert_eq!(pid.parse::<u32>().unwrap(), std::process::id());
+    }
+
+    #[test]
+    fn concurrent_directory_syncs_share_fsyncs() {
+        use std::sync::Barrier;
+        use std::time::Duration;
+        let sync = Arc::new(DirSync::default());
+        let fsyncs = Arc::new(AtomicU64::new(0));
+        let threads = 8;
+        let barrier = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (sync, fsyncs, barrier) = (sync.clone(), fsyncs.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    sync.sync_with(|| {
+                        fsyncs.fetch_add(1, Ordering::SeqCst);
+                        // Hold the flush until every entry is in, so the
+                        // count does not depend on thread scheduling.
+                        while sync.state.lock().unwrap().added < threads as u64 {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        Ok(())
+                    })
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().unwrap().unwrap();
+        }
+        // The first fsync covers whoever was in before it started; everyone
+        // who came during it shares the second.
+        let count = fsyncs.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&count), "{count} fsyncs for {threads} entries");
+        let state = sync.state.lock().unwrap();
+        assert_eq!((state.added, state.synced, state.running), (8, 8, false));
+    }
+
+    #[test]
+    fn a_failed_directory_sync_fails_its_caller_and_the_next_one_retries() {
+        let sync = DirSync::default();
+        let failure = || Err(io::Error::other("disk gone"));
+        assert_eq!(sync.sync_with(failure).unwrap_err().to_string(), "disk gone");
+        let calls = AtomicU64::new(0);
+        sync.sync_with(|| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // A sync that covered an entry is not repeated for it, but a later
+        // entry gets its own.
+        let state = sync.state.lock().unwrap();
+        assert_eq!((state.added, state.synced), (2, 2));
+    }
+
+    #[test]
+    fn the_classic_way_delivers_too() {
+        let dir = std::env::temp_dir().join(format!("maildir-classic-{}", std::process::id()));
+        let root = MaildirRoot::new(&dir);
+        // Other tests running meanwhile take the classic way too, which is
+        // only another correct path for them.
+        UNNAMED_FILES.store(false, Ordering::Relaxed);
+        let delivered = root.deliver("u", b"P: 1\r\n", b"body");
+        UNNAMED_FILES.store(true, Ordering::Relaxed);
+        let path = delivered.unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"P: 1\r\nbody");
+        assert_eq!(fs::read_dir(dir.join("u/tmp")).unwrap().count(), 0);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -15,11 +15,15 @@
 //!
 //! * The envelope, the recipients and the content are written in **one SQLite transaction**,
 //!   so after a crash the message is either wholly there or wholly absent, never half stored.
-//! * The database runs in **WAL mode with `synchronous=FULL`**: `COMMIT` appends the
-//!   transaction's pages and a checksummed commit frame to the write-ahead log and **fsyncs
-//!   the log before it returns**. On the next open SQLite replays the log up to the last
-//!   intact commit frame, so every transaction whose `COMMIT` returned is recovered, and a
-//!   transaction torn by the crash is ignored.
+//! * The database runs in **WAL mode**, and a transaction that stores mail commits with
+//!   `synchronous=FULL`: `COMMIT` appends the transaction's pages and a checksummed commit
+//!   frame to the write-ahead log and **fsyncs the log before it returns**. On the next open
+//!   SQLite replays the log up to the last intact commit frame, so every transaction whose
+//!   `COMMIT` returned is recovered, and a transaction torn by the crash is ignored.
+//! * Transactions that only record what happened to stored mail (delivery outcomes,
+//!   removals) commit without fsync (`synchronous=NORMAL`). The log is written in order, so
+//!   the next fsync'ed commit makes them durable too, and when none comes a checkpoint does
+//!   within a second. Losing one to a power failure repeats a delivery; it never loses mail.
 //! * The future resolves only after the writer thread's `COMMIT` of the transaction that holds
 //!   the operation has returned. Nothing answers a caller earlier.
 //! * New directory entries are durable too: [`SqliteSpool::open`] fsyncs the parent of every
@@ -45,6 +49,14 @@
 //!
 //! Reads (content, listings) use separate read-only connections, which in WAL mode neither
 //! block the writer nor wait for it.
+//!
+//! # Checkpoints
+//!
+//! SQLite normally copies the log back into the database (a checkpoint: an fsync of the log,
+//! the copying, an fsync of the database) inside the COMMIT that makes the log pass 1000
+//! pages, so every waiter of that batch would wait for it too. Here a checkpoint thread with
+//! its own connection does it instead, alongside the writer, when the log passes that size
+//! and a second after a commit made without fsync.
 
 mod db;
 mod error;
@@ -153,12 +165,17 @@ pub struct QueuedMessage {
 /// Counters for benchmarks and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpoolStats {
-    /// Committed (fsync'ed) transactions.
+    /// Committed transactions.
     pub commits: u64,
-    /// Operations (store, update, remove) those commits made durable.
+    /// Those of them that fsync'ed at commit because they stored mail; the others became
+    /// durable with the next fsync.
+    pub synced_commits: u64,
+    /// Operations (store, update, remove) those commits made.
     pub operations: u64,
-    /// Messages those commits made durable.
+    /// Messages those commits stored.
     pub messages_stored: u64,
+    /// Checkpoints run (copying the log back into the database).
+    pub checkpoints: u64,
 }
 
 /// The narrow interface the server and delivery code use, so that a PostgreSQL backend can be

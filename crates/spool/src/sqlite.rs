@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::error::Context;
-use crate::writer::{Counters, Operation, Request, Writer};
+use crate::writer::{CheckpointerHandle, Counters, Operation, Request, Writer};
 use crate::{
     BoxFuture, NewMessage, QueueId, QueueStore, QueuedMessage, RecipientStatus, SpoolError,
     SpoolStats, db,
@@ -68,13 +68,24 @@ impl SqliteSpool {
         // Make the new directory entries durable before anything is stored under them.
         sync_dir(dir)?;
 
-        let connection = open_writer(&path)?;
+        let mut connection = open_writer(&path)?;
         db::migrate(&connection)?;
         db::check_metadata(&connection)?;
 
         let counters = Arc::new(Counters::default());
-        let writer =
-            Writer { connection, dir: dir.to_path_buf(), counters: counters.clone(), lock };
+        let checkpointer = CheckpointerHandle::start(
+            open_checkpointer(&path)?,
+            &mut connection,
+            counters.clone(),
+        )?;
+        let writer = Writer {
+            connection,
+            dir: dir.to_path_buf(),
+            counters: counters.clone(),
+            lock,
+            checkpointer,
+            syncing: true,
+        };
         let (requests, receiver) = mpsc::channel();
         let writer = std::thread::Builder::new()
             .name("spool-writer".into())
@@ -232,6 +243,23 @@ fn open_writer(path: &Path) -> Result<Connection, SpoolError> {
     }
     // FULL: fsync the log at every commit. (NORMAL would fsync only at checkpoints, losing
     // the last commits on power failure: exactly the messages already answered with 250.)
+    // The writer switches to NORMAL only for transactions that store no mail; see
+    // Operation::needs_fsync.
+    connection.pragma_update(None, "synchronous", "FULL").context(context)?;
+    connection.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT).context(context)?;
+    Ok(connection)
+}
+
+/// The checkpointer's connection. FULL: a checkpoint fsyncs the log before it copies and
+/// the database after.
+fn open_checkpointer(path: &Path) -> Result<Connection, SpoolError> {
+    let context = || format!("opening {} for checkpoints", path.display());
+    let connection = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .context(context)?;
+    connection.busy_timeout(BUSY_TIMEOUT).context(context)?;
     connection.pragma_update(None, "synchronous", "FULL").context(context)?;
     connection.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT).context(context)?;
     Ok(connection)

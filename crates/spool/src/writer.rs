@@ -1,10 +1,12 @@
-//! The writer thread: group commit.
+//! The writer thread (group commit) and the checkpointer thread.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode};
 use tokio::sync::oneshot;
@@ -21,6 +23,13 @@ const MAX_BATCH_OPERATIONS: usize = 512;
 const MAX_BATCH_BYTES: usize = 64 << 20;
 /// Headroom SQLite needs beyond the content for pages, indexes and the log.
 const SPACE_SLACK: u64 = 1 << 20;
+
+/// Log frames (pages) after which the checkpointer copies the log back into the database:
+/// SQLite's own default for automatic checkpoints.
+const CHECKPOINT_FRAMES: i32 = 1000;
+/// A commit made without fsync (see [`Operation::needs_fsync`]) reaches the disk at the
+/// next fsync'ed commit or, when none comes, within this long: the checkpointer syncs.
+const LAZY_SYNC_DELAY: Duration = Duration::from_secs(1);
 
 pub(crate) enum Operation {
     Store(NewMessage),
@@ -41,6 +50,26 @@ pub(crate) struct Request {
     pub(crate) reply: oneshot::Sender<Result<(), SpoolError>>,
 }
 
+impl Operation {
+    /// Whether a reply may only follow an fsync of the operation.
+    ///
+    /// New mail must be on stable storage before the 250 (RFC 5321 section 6.1). Everything
+    /// else records what happened to mail already stored, after the delivery itself was
+    /// made durable (a Maildir file fsync'ed, a remote 250): if such a record is lost to a
+    /// power failure, the recipient is tried again, a duplicate delivery rather than a loss,
+    /// and a notice that commits with its outcome is lost and made again with it. The log
+    /// is written in order, so any later fsync (the next stored message's commit, a
+    /// checkpoint) makes these records durable too; without one, the checkpointer syncs
+    /// within [`LAZY_SYNC_DELAY`]. Postfix, likewise, does not sync the removal of a
+    /// delivered queue file.
+    fn needs_fsync(&self) -> bool {
+        match self {
+            Operation::Store(_) | Operation::StoreAll(_) => true,
+            Operation::Update(..) | Operation::Remove(_) | Operation::Outcome { .. } => false,
+        }
+    }
+}
+
 impl Request {
     fn bytes(&self) -> usize {
         match &self.operation {
@@ -56,16 +85,20 @@ impl Request {
 #[derive(Default)]
 pub(crate) struct Counters {
     commits: AtomicU64,
+    synced_commits: AtomicU64,
     operations: AtomicU64,
     messages_stored: AtomicU64,
+    checkpoints: AtomicU64,
 }
 
 impl Counters {
     pub(crate) fn snapshot(&self) -> SpoolStats {
         SpoolStats {
             commits: self.commits.load(Ordering::Relaxed),
+            synced_commits: self.synced_commits.load(Ordering::Relaxed),
             operations: self.operations.load(Ordering::Relaxed),
             messages_stored: self.messages_stored.load(Ordering::Relaxed),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
         }
     }
 }
@@ -81,11 +114,14 @@ pub(crate) struct Writer {
     /// Holds the lock that keeps other processes out of the spool until the connection is
     /// closed.
     pub(crate) lock: File,
+    pub(crate) checkpointer: CheckpointerHandle,
+    /// The `synchronous` setting of the connection now: FULL (fsync at commit) or NORMAL.
+    pub(crate) syncing: bool,
 }
 
 impl Writer {
     /// Serves requests until every sender is gone, then closes the database.
-    pub(crate) fn run(self, requests: Receiver<Request>) -> Result<(), SpoolError> {
+    pub(crate) fn run(mut self, requests: Receiver<Request>) -> Result<(), SpoolError> {
         // Block for the first request, then take whatever else is already waiting: the
         // requests that arrived during the previous commit's fsync share the next one.
         while let Ok(first) = requests.recv() {
@@ -103,9 +139,11 @@ impl Writer {
                 let _ = request.reply.send(result);
             }
         }
-        // Close before releasing the lock, so that a new owner never shares the files with
-        // this connection. The last connection to close checkpoints and removes the log.
-        let Writer { connection, lock, .. } = self;
+        // The checkpointer's connection goes first, so that this one is the last: the last
+        // connection to close checkpoints and removes the log. Close before releasing the
+        // lock, so that a new owner never shares the files with this connection.
+        let Writer { connection, lock, checkpointer, .. } = self;
+        checkpointer.stop();
         let closed = connection
             .close()
             .map_err(|(_, error)| SpoolError::database("closing the spool".into(), error));
@@ -114,7 +152,7 @@ impl Writer {
     }
 
     /// Applies a batch in one transaction and one fsync; returns each operation's result.
-    fn apply_batch(&self, batch: &[Request], bytes: usize) -> Vec<Result<(), SpoolError>> {
+    fn apply_batch(&mut self, batch: &[Request], bytes: usize) -> Vec<Result<(), SpoolError>> {
         let results = match self.transaction(batch) {
             Ok(results) => results,
             Err(TransactionFailed(error)) => {
@@ -131,21 +169,22 @@ impl Writer {
     }
 
     fn transaction(
-        &self,
+        &mut self,
         batch: &[Request],
     ) -> Result<Vec<Result<(), SpoolError>>, TransactionFailed> {
-        let connection = &self.connection;
-        if !connection.is_autocommit() {
+        if !self.connection.is_autocommit() {
             // A rollback after an earlier failure did not go through; retry it rather than
             // fail every later batch with "cannot start a transaction within a transaction".
-            connection
+            self.connection
                 .execute_batch("ROLLBACK")
                 .context(|| "rolling back a failed spool transaction".into())
                 .map_err(TransactionFailed)?;
         }
+        let sync = batch.iter().any(|request| request.operation.needs_fsync());
+        self.set_syncing(sync)?;
         // IMMEDIATE takes the write lock now rather than at the first write, so an outside
         // reader-turned-writer (an operator's sqlite3 shell) cannot make us fail midway.
-        connection
+        self.connection
             .execute_batch("BEGIN IMMEDIATE")
             .context(|| "starting a spool transaction".into())
             .map_err(TransactionFailed)?;
@@ -154,6 +193,7 @@ impl Writer {
             results.push(self.apply_in_savepoint(&request.operation)?);
         }
         let (mut durable, mut stored) = (0, 0);
+        // "durable": committed; made durable at once or with the next fsync, see needs_fsync.
         for (request, result) in batch.iter().zip(&results) {
             if result.is_ok() {
                 durable += 1;
@@ -170,14 +210,33 @@ impl Writer {
             self.roll_back();
             return Ok(results);
         }
-        connection
+        self.connection
             .execute_batch("COMMIT")
             .context(|| format!("committing {durable} spool operations"))
             .map_err(TransactionFailed)?;
+        self.checkpointer.committed(sync);
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
+        if sync {
+            self.counters.synced_commits.fetch_add(1, Ordering::Relaxed);
+        }
         self.counters.operations.fetch_add(durable, Ordering::Relaxed);
         self.counters.messages_stored.fetch_add(stored, Ordering::Relaxed);
         Ok(results)
+    }
+
+    /// Whether the coming transaction's COMMIT fsyncs the log: `synchronous` FULL or NORMAL.
+    /// In WAL mode NORMAL writes the transaction to the log without fsync, and the log is
+    /// fsync'ed before every checkpoint. Set outside a transaction.
+    fn set_syncing(&mut self, sync: bool) -> Result<(), TransactionFailed> {
+        if self.syncing != sync {
+            let level = if sync { "FULL" } else { "NORMAL" };
+            self.connection
+                .pragma_update(None, "synchronous", level)
+                .context(|| format!("setting synchronous = {level}"))
+                .map_err(TransactionFailed)?;
+            self.syncing = sync;
+        }
+        Ok(())
     }
 
     /// Runs one operation in a savepoint, so its failure undoes only its own changes. The
@@ -245,5 +304,108 @@ pub(crate) fn refine(error: SpoolError, dir: &Path, needed: u64) -> SpoolError {
     match rustix::fs::statvfs(dir) {
         Ok(stat) if stat.f_bavail.saturating_mul(stat.f_frsize) < needed => SpoolError::StorageFull,
         _ => error,
+    }
+}
+
+/// The writer's side of the checkpointer thread.
+pub(crate) struct CheckpointerHandle {
+    nudges: Option<SyncSender<Nudge>>,
+    thread: Option<JoinHandle<()>>,
+    /// Log frames after the last commit, set by the writer connection's WAL hook.
+    frames: Arc<std::sync::atomic::AtomicI32>,
+}
+
+#[derive(Clone, Copy)]
+enum Nudge {
+    /// The log has grown past [`CHECKPOINT_FRAMES`].
+    LogLarge,
+    /// A commit was made without fsync.
+    Unsynced,
+}
+
+impl CheckpointerHandle {
+    /// Starts the thread. `connection` is its own read-write connection; `writer` gets the WAL
+    /// hook that counts log frames, which also turns off SQLite's automatic checkpoints, which
+    /// would run inside the writer's COMMIT and hold every waiter of the batch through two
+    /// more fsyncs and the copying.
+    pub(crate) fn start(
+        connection: Connection,
+        writer: &mut Connection,
+        counters: Arc<Counters>,
+    ) -> Result<CheckpointerHandle, SpoolError> {
+        let frames = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let hook_frames = frames.clone();
+        writer
+            .wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
+                hook_frames.store(pages, Ordering::Relaxed);
+                Ok(())
+            }))
+            .context(|| "installing the spool's log hook".into())?;
+        // One pending nudge is enough: the checkpoint it starts covers every commit before it.
+        let (nudges, receiver) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("spool-checkpoint".into())
+            .spawn(move || checkpoint_loop(&connection, &receiver, &counters))
+            .context(|| "starting the spool checkpoint thread".into())?;
+        Ok(CheckpointerHandle { nudges: Some(nudges), thread: Some(thread), frames })
+    }
+
+    /// Called after each commit.
+    fn committed(&self, synced: bool) {
+        let nudge = if self.frames.load(Ordering::Relaxed) >= CHECKPOINT_FRAMES {
+            Nudge::LogLarge
+        } else if !synced {
+            Nudge::Unsynced
+        } else {
+            return;
+        };
+        if let Some(nudges) = &self.nudges {
+            match nudges.try_send(nudge) {
+                Ok(()) | Err(TrySendError::Full(_)) => {}
+                Err(TrySendError::Disconnected(_)) => warn!("the spool checkpoint thread is gone"),
+            }
+        }
+    }
+
+    /// Lets the thread finish its checkpoint, if one is running, and waits for it to close
+    /// its connection.
+    fn stop(mut self) {
+        drop(self.nudges.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            error!("the spool checkpoint thread panicked");
+        }
+    }
+}
+
+/// Copies the log back into the database when it has grown, and syncs commits made without
+/// fsync within [`LAZY_SYNC_DELAY`]. A PASSIVE checkpoint never waits for the writer or the
+/// readers: it copies what it can, fsyncing the log first and the database after, and the
+/// writer starts the log over once everything in it has been copied.
+fn checkpoint_loop(connection: &Connection, nudges: &Receiver<Nudge>, counters: &Counters) {
+    let mut unsynced_since: Option<Instant> = None;
+    loop {
+        let nudge = match unsynced_since {
+            None => nudges.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(since) => nudges
+                .recv_timeout((since + LAZY_SYNC_DELAY).saturating_duration_since(Instant::now())),
+        };
+        match nudge {
+            Ok(Nudge::Unsynced) => {
+                unsynced_since.get_or_insert_with(Instant::now);
+                continue;
+            }
+            Ok(Nudge::LogLarge) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        match connection.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE) {
+            Ok(_) => {
+                counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                unsynced_since = None;
+            }
+            // Tried again at the next nudge; the log only grows meanwhile.
+            Err(error) => warn!(%error, "spool checkpoint failed"),
+        }
     }
 }

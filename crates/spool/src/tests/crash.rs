@@ -8,7 +8,8 @@
 //!
 //! SIGKILL keeps the kernel's page cache, so this checks atomicity, recovery and the order
 //! of "commit, then answer"; surviving power loss additionally relies on the fsync that
-//! `synchronous=FULL` performs at every commit.
+//! `synchronous=FULL` performs at every commit that stores mail (other commits ride on the
+//! next fsync, see the crate documentation).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};

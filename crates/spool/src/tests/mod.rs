@@ -487,3 +487,60 @@ fn messages_stored_together_are_all_there_or_none() {
     let ids: Vec<QueueId> = rt.block_on(spool.list()).unwrap().iter().map(|m| m.id).collect();
     assert_eq!(ids, [first.id, second.id]);
 }
+
+#[test]
+fn records_of_outcomes_commit_without_fsync_and_a_checkpoint_syncs_them_soon() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    runtime().block_on(async {
+        let kept = message(b"kept");
+        let removed = message(b"removed");
+        spool.store_all(vec![kept.clone(), removed.clone()]).await.unwrap();
+        let stored = spool.stats();
+        assert_eq!((stored.commits, stored.synced_commits), (1, 1));
+
+        spool.remove(removed.id).await.unwrap();
+        let at = millis(1_700_000_000_000);
+        let status = RecipientStatus::Delivered { at, detail: "250 ok".into() };
+        spool.update_recipients(kept.id, vec![(0, status)]).await.unwrap();
+        let recorded = spool.stats();
+        assert_eq!(recorded.commits, 3, "{recorded:?}");
+        assert_eq!(recorded.synced_commits, 1, "records are not fsync'ed: {recorded:?}");
+
+        // No mail follows to carry them to the disk: the checkpointer syncs them.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while spool.stats().checkpoints == 0 {
+            assert!(std::time::Instant::now() < deadline, "no checkpoint: {:?}", spool.stats());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A store after them is fsync'ed again.
+        spool.store(message(b"next")).await.unwrap();
+        assert_eq!(spool.stats().synced_commits, 2);
+        let listed = spool.list().await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(listed[0].recipients[0].status.is_final());
+    });
+}
+
+#[test]
+fn a_growing_log_is_checkpointed_by_the_checkpoint_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    runtime().block_on(async {
+        // About 1300 pages of log, past the 1000 that start a checkpoint.
+        for _ in 0..50 {
+            spool.store(message(&[b'z'; 100 << 10])).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while spool.stats().checkpoints == 0 {
+            assert!(std::time::Instant::now() < deadline, "no checkpoint: {:?}", spool.stats());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Every store was fsync'ed at its commit, none waited for a checkpoint.
+        let stats = spool.stats();
+        assert_eq!(stats.synced_commits, stats.commits);
+    });
+    spool.close().unwrap();
+    assert!(!dir.path().join("queue.db-wal").exists(), "close checkpoints the log");
+    assert_eq!(integrity_check(dir.path()), "ok");
+}
