@@ -1,16 +1,20 @@
 //! The SQLite schema and every statement run against it.
 //!
-//! Message content lives in its own table so that listing the queue never reads the blobs.
+//! Message content lives in its own table so that listing the queue never reads the blobs;
+//! large bodies live in segment files and the `body` table says where (see `segments`).
 //! Recipient states are plain columns (not JSON) so an operator can query them with the
 //! `sqlite3` shell, e.g. `SELECT * FROM recipient WHERE status = 'deferred'`.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Context;
+use crate::segments::{self, BodyLocation};
 use crate::{
     BodyType, Envelope, NewMessage, Notify, OriginalRecipient, QueueId, QueuedMessage, Recipient,
     RecipientStatus, Ret, SpoolError,
@@ -18,12 +22,24 @@ use crate::{
 
 /// `PRAGMA user_version` of the layout below. Version 1 was a pre-release layout (recipients
 /// as JSON); it was never released and is not migrated. Version 2 lacked
-/// `recipient.delay_notified`, which [`MIGRATE_2_TO_3`] adds.
-const SCHEMA_VERSION: i32 = 3;
+/// `recipient.delay_notified`, which [`MIGRATE_2_TO_3`] adds; version 3 lacked the `body`
+/// table, which [`MIGRATE_3_TO_4`] adds.
+const SCHEMA_VERSION: i32 = 4;
 
 /// Upgrades a version 2 spool in place: no recipient of it has had a delay notice.
 const MIGRATE_2_TO_3: &str =
     "ALTER TABLE recipient ADD COLUMN delay_notified INTEGER NOT NULL DEFAULT 0;";
+
+/// Upgrades a version 3 spool in place: its bodies are all in `content`.
+const MIGRATE_3_TO_4: &str = "
+    CREATE TABLE body (
+        id      INTEGER PRIMARY KEY,       -- message.id
+        segment INTEGER NOT NULL,          -- the segment file's number
+        offset  INTEGER NOT NULL,
+        length  INTEGER NOT NULL
+    );
+    CREATE INDEX body_segment ON body (segment);
+";
 
 const SCHEMA: &str = "
     CREATE TABLE message (
@@ -33,7 +49,7 @@ const SCHEMA: &str = "
         received_at INTEGER NOT NULL       -- Unix milliseconds
     );
     CREATE TABLE content (
-        id   INTEGER PRIMARY KEY,          -- message.id
+        id   INTEGER PRIMARY KEY,          -- message.id; bodies up to segments::INLINE_LIMIT
         data BLOB NOT NULL
     );
     CREATE TABLE recipient (
@@ -67,10 +83,14 @@ pub(crate) fn migrate(connection: &Connection) -> Result<(), SpoolError> {
         match version {
             0 => {
                 connection.execute_batch(SCHEMA).context(context)?;
+                connection.execute_batch(MIGRATE_3_TO_4).context(context)?;
                 connection.pragma_update(None, "user_version", SCHEMA_VERSION).context(context)
             }
-            2 => {
-                connection.execute_batch(MIGRATE_2_TO_3).context(context)?;
+            2 | 3 => {
+                if version == 2 {
+                    connection.execute_batch(MIGRATE_2_TO_3).context(context)?;
+                }
+                connection.execute_batch(MIGRATE_3_TO_4).context(context)?;
                 connection.pragma_update(None, "user_version", SCHEMA_VERSION).context(context)
             }
             SCHEMA_VERSION => Ok(()),
@@ -90,7 +110,7 @@ pub(crate) fn migrate(connection: &Connection) -> Result<(), SpoolError> {
 /// of every queued message, which after an outage can be gigabytes and would delay start-up;
 /// SQLite still detects a damaged content page when that message is loaded.
 pub(crate) fn check_metadata(connection: &Connection) -> Result<(), SpoolError> {
-    for table in ["message", "recipient"] {
+    for table in ["message", "recipient", "body"] {
         let context = || format!("checking the spool table {table}");
         let mut check =
             connection.prepare(&format!("PRAGMA quick_check({table})")).context(context)?;
@@ -124,7 +144,12 @@ fn from_sql_millis(millis: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0))
 }
 
-pub(crate) fn store(connection: &Connection, message: &NewMessage) -> Result<(), SpoolError> {
+/// Stores a message; its body is inline, or at `body` in a segment already synced.
+pub(crate) fn store(
+    connection: &Connection,
+    message: &NewMessage,
+    body: Option<BodyLocation>,
+) -> Result<(), SpoolError> {
     let id = sql_id(message.id);
     let context = || format!("storing message {}", message.id);
     let envelope =
@@ -144,10 +169,19 @@ pub(crate) fn store(connection: &Connection, message: &NewMessage) -> Result<(),
             ])
         })
         .context(context)?;
-    connection
-        .prepare_cached("INSERT INTO content (id, data) VALUES (?1, ?2)")
-        .and_then(|mut insert| insert.execute(params![id, message.content]))
-        .context(context)?;
+    match body {
+        None => connection
+            .prepare_cached("INSERT INTO content (id, data) VALUES (?1, ?2)")
+            .and_then(|mut insert| insert.execute(params![id, message.content])),
+        Some(at) => connection
+            .prepare_cached(
+                "INSERT INTO body (id, segment, offset, length) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut insert| {
+                insert.execute(params![id, at.segment as i64, at.offset as i64, at.length as i64])
+            }),
+    }
+    .context(context)?;
     let mut insert = connection
         .prepare_cached(
             "INSERT INTO recipient (message_id, idx, address, original, notify, orcpt_type,
@@ -225,7 +259,12 @@ pub(crate) fn update_recipients(
     Ok(())
 }
 
-pub(crate) fn remove(connection: &Connection, id: QueueId) -> Result<(), SpoolError> {
+/// Removes a message; the segment its body was in, if any, is added to `segments`.
+pub(crate) fn remove(
+    connection: &Connection,
+    id: QueueId,
+    segments: &mut Vec<u64>,
+) -> Result<(), SpoolError> {
     let context = || format!("removing message {id}");
     let delete = |sql: &str| {
         connection.prepare_cached(sql).and_then(|mut delete| delete.execute([sql_id(id)]))
@@ -235,15 +274,67 @@ pub(crate) fn remove(connection: &Connection, id: QueueId) -> Result<(), SpoolEr
     }
     delete("DELETE FROM content WHERE id = ?1").context(context)?;
     delete("DELETE FROM recipient WHERE message_id = ?1").context(context)?;
+    let segment = connection
+        .prepare_cached("DELETE FROM body WHERE id = ?1 RETURNING segment")
+        .and_then(|mut delete| {
+            delete.query_row([sql_id(id)], |row| row.get::<_, i64>(0)).optional()
+        })
+        .context(context)?;
+    segments.extend(segment.map(|segment| segment as u64));
     Ok(())
 }
 
-pub(crate) fn load_content(connection: &Connection, id: QueueId) -> Result<Vec<u8>, SpoolError> {
-    connection
+/// The content of a message: inline, or read from its segment in `segments_dir`.
+pub(crate) fn load_content(
+    connection: &Connection,
+    segments_dir: &Path,
+    id: QueueId,
+) -> Result<Vec<u8>, SpoolError> {
+    let context = || format!("loading the content of message {id}");
+    let inline = connection
         .prepare_cached("SELECT data FROM content WHERE id = ?1")
         .and_then(|mut select| select.query_row([sql_id(id)], |row| row.get(0)).optional())
-        .context(|| format!("loading the content of message {id}"))?
-        .ok_or(SpoolError::NotFound(id))
+        .context(context)?;
+    if let Some(content) = inline {
+        return Ok(content);
+    }
+    let location = connection
+        .prepare_cached("SELECT segment, offset, length FROM body WHERE id = ?1")
+        .and_then(|mut select| {
+            select
+                .query_row([sql_id(id)], |row| {
+                    Ok(BodyLocation {
+                        segment: row.get::<_, i64>(0)? as u64,
+                        offset: row.get::<_, i64>(1)? as u64,
+                        length: row.get::<_, i64>(2)? as u64,
+                    })
+                })
+                .optional()
+        })
+        .context(context)?
+        .ok_or(SpoolError::NotFound(id))?;
+    segments::read(segments_dir, location)
+}
+
+/// The segments that bodies are in.
+pub(crate) fn referenced_segments(connection: &Connection) -> Result<HashSet<u64>, SpoolError> {
+    let context = || "listing the spool's segments".to_string();
+    let mut select = connection.prepare("SELECT DISTINCT segment FROM body").context(context)?;
+    let segments = select
+        .query_map([], |row| row.get::<_, i64>(0))
+        .context(context)?
+        .map(|segment| segment.map(|segment| segment as u64))
+        .collect::<Result<_, _>>()
+        .context(context)?;
+    Ok(segments)
+}
+
+/// Whether any body is still in `segment`.
+pub(crate) fn segment_in_use(connection: &Connection, segment: u64) -> Result<bool, SpoolError> {
+    connection
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM body WHERE segment = ?1)")
+        .and_then(|mut select| select.query_row([segment as i64], |row| row.get(0)))
+        .context(|| format!("looking for bodies in segment {segment}"))
 }
 
 /// Every message with its recipients, oldest first.

@@ -20,6 +20,9 @@
 //!   frame to the write-ahead log and **fsyncs the log before it returns**. On the next open
 //!   SQLite replays the log up to the last intact commit frame, so every transaction whose
 //!   `COMMIT` returned is recovered, and a transaction torn by the crash is ignored.
+//! * A body larger than 16 KiB is not written into SQLite (which would write it twice: to the
+//!   log, then at the checkpoint) but appended to a segment file, which is synced
+//!   (`fdatasync`) before the transaction that points at it commits. See `segments`.
 //! * Transactions that only record what happened to stored mail (delivery outcomes,
 //!   removals) commit without fsync (`synchronous=NORMAL`). The log is written in order, so
 //!   the next fsync'ed commit makes them durable too, and when none comes a checkpoint does
@@ -61,6 +64,7 @@
 mod db;
 mod error;
 mod id;
+mod segments;
 mod sqlite;
 mod writer;
 

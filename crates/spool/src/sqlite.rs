@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::error::Context;
+use crate::segments::Segments;
 use crate::writer::{CheckpointerHandle, Counters, Operation, Request, Writer};
 use crate::{
     BoxFuture, NewMessage, QueueId, QueueStore, QueuedMessage, RecipientStatus, SpoolError,
@@ -71,6 +72,10 @@ impl SqliteSpool {
         let mut connection = open_writer(&path)?;
         db::migrate(&connection)?;
         db::check_metadata(&connection)?;
+        let segments = Segments::open(dir, &db::referenced_segments(&connection)?)?;
+        let segments_dir = segments.dir().to_path_buf();
+        let mut log_path = path.clone().into_os_string();
+        log_path.push("-wal");
 
         let counters = Arc::new(Counters::default());
         let checkpointer = CheckpointerHandle::start(
@@ -84,6 +89,8 @@ impl SqliteSpool {
             counters: counters.clone(),
             lock,
             checkpointer,
+            segments,
+            log_path: log_path.into(),
             syncing: true,
         };
         let (requests, receiver) = mpsc::channel();
@@ -94,7 +101,7 @@ impl SqliteSpool {
         Ok(SqliteSpool {
             requests: Some(requests),
             writer: Some(writer),
-            readers: Arc::new(Readers { path, idle: Mutex::new(Vec::new()) }),
+            readers: Arc::new(Readers { path, segments_dir, idle: Mutex::new(Vec::new()) }),
             counters,
         })
     }
@@ -157,7 +164,8 @@ impl QueueStore for SqliteSpool {
     }
 
     fn load_content(&self, id: QueueId) -> BoxFuture<'_, Result<Vec<u8>, SpoolError>> {
-        Box::pin(self.read(move |connection| db::load_content(connection, id)))
+        let segments_dir = self.readers.segments_dir.clone();
+        Box::pin(self.read(move |connection| db::load_content(connection, &segments_dir, id)))
     }
 
     fn update_recipients(
@@ -199,6 +207,7 @@ impl QueueStore for SqliteSpool {
 /// the writer or waiting for it.
 struct Readers {
     path: PathBuf,
+    segments_dir: PathBuf,
     idle: Mutex<Vec<Connection>>,
 }
 

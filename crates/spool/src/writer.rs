@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use tracing::{error, warn};
 
 use crate::error::Context;
+use crate::segments::{BodyLocation, INLINE_LIMIT, Segments};
 use crate::{NewMessage, QueueId, RecipientStatus, SpoolError, SpoolStats, db};
 
 /// At most this many operations share a transaction, so one commit never keeps the first
@@ -51,6 +52,15 @@ pub(crate) struct Request {
 }
 
 impl Operation {
+    /// The messages the operation stores.
+    fn new_messages(&self) -> &[NewMessage] {
+        match self {
+            Operation::Store(message) => std::slice::from_ref(message),
+            Operation::StoreAll(messages) | Operation::Outcome { new: messages, .. } => messages,
+            Operation::Update(..) | Operation::Remove(_) => &[],
+        }
+    }
+
     /// Whether a reply may only follow an fsync of the operation.
     ///
     /// New mail must be on stable storage before the 250 (RFC 5321 section 6.1). Everything
@@ -115,6 +125,9 @@ pub(crate) struct Writer {
     /// closed.
     pub(crate) lock: File,
     pub(crate) checkpointer: CheckpointerHandle,
+    pub(crate) segments: Segments,
+    /// The log file, synced before a segment is deleted.
+    pub(crate) log_path: PathBuf,
     /// The `synchronous` setting of the connection now: FULL (fsync at commit) or NORMAL.
     pub(crate) syncing: bool,
 }
@@ -180,6 +193,7 @@ impl Writer {
                 .context(|| "rolling back a failed spool transaction".into())
                 .map_err(TransactionFailed)?;
         }
+        let bodies = self.write_bodies(batch);
         let sync = batch.iter().any(|request| request.operation.needs_fsync());
         self.set_syncing(sync)?;
         // IMMEDIATE takes the write lock now rather than at the first write, so an outside
@@ -189,8 +203,22 @@ impl Writer {
             .context(|| "starting a spool transaction".into())
             .map_err(TransactionFailed)?;
         let mut results = Vec::with_capacity(batch.len());
-        for request in batch {
-            results.push(self.apply_in_savepoint(&request.operation)?);
+        // Segments that removals took bodies out of.
+        let mut emptied = Vec::new();
+        for (request, bodies) in batch.iter().zip(bodies) {
+            let result = match bodies {
+                Ok(bodies) => {
+                    let mark = emptied.len();
+                    let result =
+                        self.apply_in_savepoint(&request.operation, &bodies, &mut emptied)?;
+                    if result.is_err() {
+                        emptied.truncate(mark);
+                    }
+                    result
+                }
+                Err(error) => Err(error),
+            };
+            results.push(result);
         }
         let (mut durable, mut stored) = (0, 0);
         // "durable": committed; made durable at once or with the next fsync, see needs_fsync.
@@ -219,9 +247,79 @@ impl Writer {
         if sync {
             self.counters.synced_commits.fetch_add(1, Ordering::Relaxed);
         }
+        emptied.extend(self.segments.take_retired());
+        self.delete_empty_segments(emptied, sync);
         self.counters.operations.fetch_add(durable, Ordering::Relaxed);
         self.counters.messages_stored.fetch_add(stored, Ordering::Relaxed);
         Ok(results)
+    }
+
+    /// Appends the batch's large bodies to the active segment and syncs it, before the rows
+    /// that point at them are written. Returns, for each request, where each of its new
+    /// messages' bodies went (`None`: inline), or the error that fails the request.
+    fn write_bodies(
+        &mut self,
+        batch: &[Request],
+    ) -> Vec<Result<Vec<Option<BodyLocation>>, SpoolError>> {
+        let mut appended = false;
+        let mut bodies: Vec<Result<Vec<Option<BodyLocation>>, SpoolError>> = batch
+            .iter()
+            .map(|request| {
+                request
+                    .operation
+                    .new_messages()
+                    .iter()
+                    .map(|message| match message.content.len() > INLINE_LIMIT {
+                        true => {
+                            appended = true;
+                            self.segments.append(&message.content).map(Some)
+                        }
+                        false => Ok(None),
+                    })
+                    .collect()
+            })
+            .collect();
+        if appended && let Err(error) = self.segments.sync() {
+            for placed in &mut bodies {
+                if placed.as_ref().is_ok_and(|bodies| bodies.iter().any(Option::is_some)) {
+                    *placed = Err(error.clone());
+                }
+            }
+        }
+        bodies
+    }
+
+    /// Deletes the segments among `candidates` that no body is in any more and that are not
+    /// being appended to. The removals that emptied them must be durable first: a power
+    /// failure that brought the rows back without their data would lose mail. A commit made
+    /// without fsync (`synced` false) is made durable by syncing the log, once per segment.
+    fn delete_empty_segments(&mut self, mut candidates: Vec<u64>, synced: bool) {
+        candidates.sort_unstable();
+        candidates.dedup();
+        let mut empty = Vec::new();
+        for segment in candidates {
+            if self.segments.is_active(segment) {
+                continue;
+            }
+            match db::segment_in_use(&self.connection, segment) {
+                Ok(false) => empty.push(segment),
+                Ok(true) => {}
+                Err(error) => warn!(%error, segment, "cannot tell whether a segment is empty"),
+            }
+        }
+        if empty.is_empty() {
+            return;
+        }
+        if !synced && let Err(error) = File::open(&self.log_path).and_then(|log| log.sync_data()) {
+            // Kept, and deleted at the next start-up when no row points into it.
+            warn!(%error, "cannot sync the spool log; empty segments kept for now");
+            return;
+        }
+        for segment in empty {
+            if let Err(error) = self.segments.delete(segment) {
+                warn!(%error, segment, "cannot delete an empty segment");
+            }
+        }
     }
 
     /// Whether the coming transaction's COMMIT fsyncs the log: `synchronous` FULL or NORMAL.
@@ -244,6 +342,8 @@ impl Writer {
     fn apply_in_savepoint(
         &self,
         operation: &Operation,
+        bodies: &[Option<BodyLocation>],
+        emptied: &mut Vec<u64>,
     ) -> Result<Result<(), SpoolError>, TransactionFailed> {
         let connection = &self.connection;
         let savepoint = |sql: &str| {
@@ -253,22 +353,25 @@ impl Writer {
                 .map_err(TransactionFailed)
         };
         savepoint("SAVEPOINT operation")?;
+        let store_all = |messages: &[NewMessage]| {
+            messages
+                .iter()
+                .zip(bodies)
+                .try_for_each(|(message, body)| db::store(connection, message, *body))
+        };
         let result = match operation {
-            Operation::Store(message) => db::store(connection, message),
-            Operation::StoreAll(messages) => {
-                messages.iter().try_for_each(|message| db::store(connection, message))
-            }
+            Operation::Store(message) => store_all(std::slice::from_ref(message)),
+            Operation::StoreAll(messages) => store_all(messages),
             Operation::Update(id, updates) => db::update_recipients(connection, *id, updates),
-            Operation::Remove(id) => db::remove(connection, *id),
+            Operation::Remove(id) => db::remove(connection, *id, emptied),
             // All in the one savepoint: the new messages and the outcome commit together or
             // not at all.
-            Operation::Outcome { id, updates, remove, new } => new
-                .iter()
-                .try_for_each(|message| db::store(connection, message))
-                .and_then(|()| match remove {
-                    true => db::remove(connection, *id),
+            Operation::Outcome { id, updates, remove, new } => {
+                store_all(new).and_then(|()| match remove {
+                    true => db::remove(connection, *id, emptied),
                     false => db::update_recipients(connection, *id, updates),
-                }),
+                })
+            }
         };
         match result {
             Ok(()) => savepoint("RELEASE operation")?,

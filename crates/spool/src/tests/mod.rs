@@ -355,7 +355,9 @@ fn a_version_2_spool_is_upgraded_in_place() {
     spool.close().unwrap();
     // Turn the database back into the version 2 layout.
     let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
-    connection.execute_batch("ALTER TABLE recipient DROP COLUMN delay_notified").unwrap();
+    connection
+        .execute_batch("ALTER TABLE recipient DROP COLUMN delay_notified; DROP TABLE body")
+        .unwrap();
     connection.pragma_update(None, "user_version", 2).unwrap();
     drop(connection);
 
@@ -421,6 +423,7 @@ fn files_are_private() {
     for spool_dir in [spool_dir, lax_dir] {
         let spool = SqliteSpool::open(&spool_dir).unwrap();
         runtime().block_on(spool.store(message(b"secret"))).unwrap();
+        runtime().block_on(spool.store(message(&[b's'; 100 << 10]))).unwrap();
         let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&spool_dir), 0o700);
         let mut names: Vec<String> = fs::read_dir(&spool_dir)
@@ -428,10 +431,15 @@ fn files_are_private() {
             .map(|entry| entry.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names, ["lock", "queue.db", "queue.db-shm", "queue.db-wal"]);
-        for name in names {
-            assert_eq!(mode(&spool_dir.join(&name)), 0o600, "{name}");
+        assert_eq!(names, ["lock", "queue.db", "queue.db-shm", "queue.db-wal", "segments"]);
+        for name in &names[..4] {
+            assert_eq!(mode(&spool_dir.join(name)), 0o600, "{name}");
         }
+        let segments = spool_dir.join("segments");
+        assert_eq!(mode(&segments), 0o700);
+        let segment_files: Vec<_> = fs::read_dir(&segments).unwrap().collect();
+        assert_eq!(segment_files.len(), 1);
+        assert_eq!(mode(&segment_files[0].as_ref().unwrap().path()), 0o600);
     }
 }
 
@@ -527,9 +535,10 @@ fn a_growing_log_is_checkpointed_by_the_checkpoint_thread() {
     let dir = tempfile::tempdir().unwrap();
     let spool = SqliteSpool::open(dir.path()).unwrap();
     runtime().block_on(async {
-        // About 1300 pages of log, past the 1000 that start a checkpoint.
-        for _ in 0..50 {
-            spool.store(message(&[b'z'; 100 << 10])).await.unwrap();
+        // About 1300 pages of log, past the 1000 that start a checkpoint (bodies small
+        // enough to be kept in the database).
+        for _ in 0..400 {
+            spool.store(message(&[b'z'; 12 << 10])).await.unwrap();
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while spool.stats().checkpoints == 0 {
@@ -542,5 +551,92 @@ fn a_growing_log_is_checkpointed_by_the_checkpoint_thread() {
     });
     spool.close().unwrap();
     assert!(!dir.path().join("queue.db-wal").exists(), "close checkpoints the log");
+    assert_eq!(integrity_check(dir.path()), "ok");
+}
+
+/// Bodies above the inline limit, one byte pattern per message.
+fn large(seed: u8, len: usize) -> NewMessage {
+    message(&(0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>())
+}
+
+fn segment_files(spool_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(spool_dir.join("segments"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn large_bodies_go_to_segments_and_come_back_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    // Around the limit, far above it, and several in one transaction.
+    let limit = crate::segments::INLINE_LIMIT;
+    let messages =
+        vec![large(1, limit), large(2, limit + 1), large(3, 1 << 20), large(4, 3 * limit)];
+    rt.block_on(async {
+        spool.store(messages[0].clone()).await.unwrap();
+        spool.store(messages[1].clone()).await.unwrap();
+        spool.store_all(messages[2..].to_vec()).await.unwrap();
+        for message in &messages {
+            assert_eq!(spool.load_content(message.id).await.unwrap(), message.content);
+        }
+    });
+    let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    let count = |table: &str| -> i64 {
+        connection
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |row| row.get(0))
+            .unwrap()
+    };
+    assert_eq!((count("content"), count("body")), (1, 3), "only the one at the limit is inline");
+    drop(connection);
+    assert_eq!(segment_files(dir.path()).len(), 1);
+    spool.close().unwrap();
+
+    // After a restart the same bodies are read from the same segment.
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    rt.block_on(async {
+        for message in &messages {
+            assert_eq!(spool.load_content(message.id).await.unwrap(), message.content);
+        }
+    });
+}
+
+#[test]
+fn a_segment_is_deleted_once_its_last_body_is_removed_and_it_is_no_longer_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let (first, second) = (large(1, 100 << 10), large(2, 100 << 10));
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    rt.block_on(spool.store_all(vec![first.clone(), second.clone()])).unwrap();
+    // Emptied, but still the segment new bodies go to: kept.
+    rt.block_on(spool.remove(first.id)).unwrap();
+    let third = large(3, 100 << 10);
+    rt.block_on(spool.store(third.clone())).unwrap();
+    assert_eq!(segment_files(dir.path()).len(), 1);
+    spool.close().unwrap();
+
+    // A crash can leave a segment that no row points into (its commit never happened).
+    fs::write(dir.path().join("segments/00000000000000ff"), b"torn tail").unwrap();
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let old = segment_files(dir.path());
+    assert_eq!(old.len(), 1, "the unreferenced segment is gone: {old:?}");
+    // New bodies go to a new segment, numbered after every one seen.
+    let fourth = large(4, 100 << 10);
+    rt.block_on(spool.store(fourth.clone())).unwrap();
+    let both = segment_files(dir.path());
+    assert_eq!(both, [old[0].clone(), "0000000000000100".to_string()]);
+    // The old segment goes with its last body; the removals commit without fsync, so the
+    // log is synced before the file is deleted.
+    rt.block_on(spool.remove(second.id)).unwrap();
+    assert_eq!(segment_files(dir.path()), both, "one body is still in it");
+    rt.block_on(spool.remove(third.id)).unwrap();
+    assert_eq!(segment_files(dir.path()), ["0000000000000100"]);
+    assert_eq!(rt.block_on(spool.load_content(fourth.id)).unwrap(), fourth.content);
+    assert_eq!(rt.block_on(spool.list()).unwrap().len(), 1);
+    spool.close().unwrap();
     assert_eq!(integrity_check(dir.path()), "ok");
 }
