@@ -336,10 +336,17 @@ def test_pipelining_replies_in_order_from_one_write(server):
 def test_spool_and_maildir_are_private(server):
     with smtplib.SMTP("127.0.0.1", server.port()) as client:
         client.sendmail("a@example.org", ["priv@localhost"], b"Subject: p\r\n\r\nx\r\n")
-    server.wait_for_messages("priv", 1)
-    for path in [server.data_dir, server.data_dir / "spool", server.data_dir / "maildir", server.maildir("priv") / "new"]:
+        # Large enough for a segment file.
+        client.sendmail("a@example.org", ["priv@localhost"], b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n") * 400)
+    server.wait_for_messages("priv", 2)
+    spool = server.data_dir / "spool"
+    directories = [server.data_dir, spool, spool / "segments", server.data_dir / "maildir", server.maildir("priv") / "new"]
+    for path in directories:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o700, path
-    for path in list((server.data_dir / "spool").iterdir()) + list((server.maildir("priv") / "new").iterdir()):
+    files = [path for path in spool.iterdir() if path.is_file()]
+    files += list((spool / "segments").iterdir()) + list((server.maildir("priv") / "new").iterdir())
+    assert any(path.parent.name == "segments" for path in files)
+    for path in files:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
 
 
