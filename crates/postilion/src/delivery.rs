@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use maildir::MaildirRoot;
@@ -28,6 +29,27 @@ struct Job {
     id: QueueId,
     envelope: Arc<Envelope>,
     recipients: Vec<Recipient>,
+    /// The content, when the job came straight from acceptance; otherwise it is read from
+    /// the spool when the attempt starts.
+    preloaded: Option<Preloaded>,
+}
+
+/// At most this many octets of content wait in memory for their first delivery attempt; past
+/// it, messages are read back from the spool. A burst of large messages then waits on disk,
+/// where it already is, not in memory.
+const PRELOAD_BUDGET: usize = 64 << 20;
+
+/// The content of a message just accepted, kept for its first delivery attempt: reading it
+/// back from the spool costs a hand-off to a blocking thread and a database read per message.
+pub struct Preloaded {
+    content: Arc<Vec<u8>>,
+    held: Arc<AtomicUsize>,
+}
+
+impl Drop for Preloaded {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.content.len(), Ordering::Relaxed);
+    }
 }
 
 /// The result of one delivery attempt to one recipient.
@@ -69,21 +91,41 @@ impl Attempt {
 #[derive(Clone)]
 pub struct DeliveryQueue {
     jobs: mpsc::UnboundedSender<Job>,
+    /// Octets held by [`Preloaded`] contents.
+    preloaded: Arc<AtomicUsize>,
 }
 
 impl DeliveryQueue {
+    /// A copy of `content` for the message's first delivery attempt, if the budget allows.
+    pub fn preload(&self, content: &[u8]) -> Option<Preloaded> {
+        let held = self.preloaded.fetch_add(content.len(), Ordering::Relaxed);
+        if held + content.len() > PRELOAD_BUDGET {
+            self.preloaded.fetch_sub(content.len(), Ordering::Relaxed);
+            return None;
+        }
+        Some(Preloaded { content: Arc::new(content.to_vec()), held: self.preloaded.clone() })
+    }
+
     /// Queues a freshly stored message for delivery.
-    pub fn submit(&self, id: QueueId, envelope: Envelope, recipients: Vec<Recipient>) {
-        let _ = self.jobs.send(Job { id, envelope: Arc::new(envelope), recipients });
+    pub fn submit(
+        &self,
+        id: QueueId,
+        envelope: Envelope,
+        recipients: Vec<Recipient>,
+        preloaded: Option<Preloaded>,
+    ) {
+        let _ = self.jobs.send(Job { id, envelope: Arc::new(envelope), recipients, preloaded });
     }
 
     /// Queues a job now or at `at`.
-    fn schedule(&self, job: Job, at: SystemTime) {
+    fn schedule(&self, mut job: Job, at: SystemTime) {
         let delay = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
         if delay.is_zero() {
             let _ = self.jobs.send(job);
             return;
         }
+        // A retry later reads the content again rather than hold it meanwhile.
+        job.preloaded = None;
         let jobs = self.jobs.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -92,10 +134,66 @@ impl DeliveryQueue {
     }
 }
 
-/// How many jobs may deliver at once, locally and over SMTP.
+/// How many jobs may deliver at once, locally and over SMTP, and the threads that write
+/// the local copies.
 struct Slots {
     local: Semaphore,
     remote: Semaphore,
+    maildir_writers: MaildirWriters,
+}
+
+/// How much less CPU share the Maildir writers get than the rest of the server (nice value,
+/// 0 to 19): a thread at nice 10 gets about a tenth of the share of one at 0 when both want
+/// the CPU, and all of it when nothing else does.
+const MAILDIR_WRITER_NICE: i32 = 10;
+
+/// The threads that write Maildir copies (`delivery.workers` of them), at a lower CPU
+/// priority than the SMTP sessions and the spool. Writing a copy costs the kernel several
+/// times the CPU of accepting the message (an inode, the data, two fsyncs); at a lower
+/// priority that work yields to clients waiting for a reply when the CPUs are busy, and a
+/// burst of mail is accepted at full speed and delivered right after it, from the spool.
+/// When the CPUs are not all busy, the priority changes nothing.
+struct MaildirWriters {
+    work: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl MaildirWriters {
+    fn start(threads: usize) -> anyhow::Result<MaildirWriters> {
+        let (work, queue) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for number in 0..threads {
+            let queue = queue.clone();
+            std::thread::Builder::new().name(format!("maildir-{number}")).spawn(move || {
+                // Linux: the "process" of setpriority(2) is the calling thread here.
+                if let Err(error) = rustix::process::setpriority_process(None, MAILDIR_WRITER_NICE)
+                {
+                    warn!(%error, "cannot lower the priority of a Maildir writer thread");
+                }
+                loop {
+                    // The lock is held only while waiting, never while working.
+                    let next = queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).recv();
+                    match next {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            })?;
+        }
+        Ok(MaildirWriters { work })
+    }
+
+    /// Runs `write` on a writer thread; `None` if it could not run (the threads are gone).
+    async fn run<T: Send + 'static>(
+        &self,
+        write: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (result, receiver) = tokio::sync::oneshot::channel();
+        let job = Box::new(move || {
+            let _ = result.send(write());
+        });
+        self.work.send(job).ok()?;
+        receiver.await.ok()
+    }
 }
 
 /// Everything the queue manager needs.
@@ -113,9 +211,9 @@ pub struct Deliverer {
 pub fn start(
     deliverer: Deliverer,
     shutdown: watch::Receiver<bool>,
-) -> (DeliveryQueue, tokio::task::JoinHandle<()>) {
+) -> anyhow::Result<(DeliveryQueue, tokio::task::JoinHandle<()>)> {
     let (jobs, mut receiver) = mpsc::unbounded_channel::<Job>();
-    let queue = DeliveryQueue { jobs };
+    let queue = DeliveryQueue { jobs, preloaded: Arc::new(AtomicUsize::new(0)) };
     let deliverer = Arc::new(deliverer);
     // Separate bounds for local and remote work, so slow remote hosts never hold up local
     // delivery or bounces; a job waits for its slots before it loads the message, so waiting
@@ -123,6 +221,7 @@ pub fn start(
     let slots = Arc::new(Slots {
         local: Semaphore::new(deliverer.config.workers),
         remote: Semaphore::new(deliverer.outbound.concurrency()),
+        maildir_writers: MaildirWriters::start(deliverer.config.workers)?,
     });
     let handle = {
         let queue = queue.clone();
@@ -153,7 +252,7 @@ pub fn start(
             while running.join_next().await.is_some() {}
         })
     };
-    (queue, handle)
+    Ok((queue, handle))
 }
 
 /// Re-queues everything the spool holds after a restart, keeping each retry schedule.
@@ -165,6 +264,7 @@ pub async fn recover(spool: &dyn QueueStore, queue: &DeliveryQueue) -> anyhow::R
             id: message.id,
             envelope: Arc::new(message.envelope),
             recipients: message.recipients,
+            preloaded: None,
         };
         match next_attempt(&job.recipients) {
             // Crashed between the last outcome and the removal: finish the removal.
@@ -220,16 +320,21 @@ impl Deliverer {
         let (local, remote): (Vec<usize>, Vec<usize>) =
             due.iter().partition(|&&i| self.router.is_local_address(&job.recipients[i].address));
         // Always in this order, so two jobs never wait for each other's slots.
-        let _local_slot = match local.is_empty() {
+        let local_slot = match local.is_empty() {
             true => None,
             false => slots.local.acquire().await.ok(),
         };
-        let _remote_slot = match remote.is_empty() {
+        let remote_slot = match remote.is_empty() {
             true => None,
             false => slots.remote.acquire().await.ok(),
         };
-        let content = match self.spool.load_content(job.id).await {
-            Ok(content) => Arc::new(content),
+        let preloaded = job.preloaded.take().map(|preloaded| preloaded.content.clone());
+        let loaded = match preloaded {
+            Some(content) => Ok(content),
+            None => self.spool.load_content(job.id).await.map(Arc::new),
+        };
+        let content = match loaded {
+            Ok(content) => content,
             Err(error) => {
                 error!(queue_id = %job.id, %error, "cannot read message from the spool; retrying later");
                 queue.schedule(job, now + self.config.retry_initial);
@@ -240,12 +345,18 @@ impl Deliverer {
             async {
                 match local.is_empty() {
                     true => Vec::new(),
-                    false => self.deliver_local(&job, &local, content.clone()).await,
+                    false => {
+                        self.deliver_local(&job, &local, content.clone(), &slots.maildir_writers)
+                            .await
+                    }
                 }
             },
             self.deliver_remote(&job, &remote, content.clone())
         );
         attempts.extend(remote_attempts);
+        // The slots bound the deliveries under way; recording the outcome waits for the
+        // spool's writer, and the next job need not wait with it.
+        drop((local_slot, remote_slot));
         // A recipient whose attempt produced no result (a task that failed) is tried again
         // later like any temporary failure, never left to loop at once.
         for &index in &due {
@@ -364,6 +475,7 @@ impl Deliverer {
         job: &Job,
         due: &[usize],
         content: Arc<Vec<u8>>,
+        writers: &MaildirWriters,
     ) -> Vec<(usize, Attempt)> {
         let plan: Vec<(usize, String, Option<String>)> = due
             .iter()
@@ -375,32 +487,31 @@ impl Deliverer {
             .collect();
         let maildir = self.maildir.clone();
         let sender = job.envelope.sender.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            plan.into_iter()
-                .map(|(i, address, mailbox)| {
-                    let result = match &mailbox {
-                        // RFC 5321 section 4.4: the final delivery adds Return-Path with the
-                        // envelope sender.
-                        Some(mailbox) => {
-                            let prefix =
-                                format!("Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n");
-                            maildir
-                                .deliver(mailbox, prefix.as_bytes(), &content)
-                                .map_err(|e| (e.is_transient(), e.to_string()))
-                        }
-                        None => Err((false, "mailbox no longer exists".to_string())),
-                    };
-                    (i, address, result)
-                })
-                .collect::<Vec<_>>()
-        })
-        .await;
-        let written = match written {
-            Ok(written) => written,
-            Err(error) => {
-                error!(queue_id = %job.id, %error, "delivery task failed");
-                return Vec::new();
-            }
+        let written = writers
+            .run(move || {
+                plan.into_iter()
+                    .map(|(i, address, mailbox)| {
+                        let result = match &mailbox {
+                            // RFC 5321 section 4.4: the final delivery adds Return-Path with the
+                            // envelope sender.
+                            Some(mailbox) => {
+                                let prefix = format!(
+                                    "Return-Path: <{sender}>\r\nDelivered-To: {address}\r\n"
+                                );
+                                maildir
+                                    .deliver(mailbox, prefix.as_bytes(), &content)
+                                    .map_err(|e| (e.is_transient(), e.to_string()))
+                            }
+                            None => Err((false, "mailbox no longer exists".to_string())),
+                        };
+                        (i, address, result)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+        let Some(written) = written else {
+            error!(queue_id = %job.id, "the Maildir writer threads are gone");
+            return Vec::new();
         };
         written
             .into_iter()
@@ -496,6 +607,24 @@ fn describe_failure(status: EnhancedStatus, reason: &str, remote_reply: Option<&
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preloaded_content_is_bounded_and_released_when_dropped() {
+        let queue = DeliveryQueue {
+            jobs: mpsc::unbounded_channel().0,
+            preloaded: Arc::new(AtomicUsize::new(0)),
+        };
+        let half = vec![b'x'; PRELOAD_BUDGET / 2];
+        let first = queue.preload(&half).expect("room for the first half");
+        assert_eq!(*first.content, half);
+        let second = queue.preload(&half).expect("room for the second half");
+        assert!(queue.preload(b"one more octet").is_none(), "over the budget");
+        assert_eq!(queue.preloaded.load(Ordering::Relaxed), PRELOAD_BUDGET);
+        drop(first);
+        assert!(queue.preload(b"room again").is_some());
+        drop(second);
+        assert_eq!(queue.preloaded.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

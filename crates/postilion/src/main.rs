@@ -13,6 +13,13 @@ mod server;
 mod tls;
 mod users;
 
+/// Messages are allocated by the session that receives them and freed by the spool's writer
+/// thread; the C library's allocator returned that memory to the kernel (madvise) from the
+/// writer's thread again and again, and each return stopped the other CPUs to flush their
+/// TLBs. mimalloc keeps freed memory for reuse across threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -168,7 +175,7 @@ async fn serve(config: Config, sockets: Vec<std::net::TcpListener>) -> anyhow::R
             notifier: notifier.clone(),
         },
         shutdown.clone(),
-    );
+    )?;
     let recovered =
         delivery::recover(spool.as_ref(), &delivery_queue).await.context("recovering the queue")?;
     let authenticator = match config.listeners.iter().any(|l| l.offers_auth()) {

@@ -188,7 +188,7 @@ impl Notifier {
     pub fn submit(&self, id: QueueId, to: &str, notices: Vec<NewMessage>, queue: &DeliveryQueue) {
         for notice in notices {
             info!(queue_id = %id, notice = %notice.id, to = ?to, "delivery status notification queued");
-            queue.submit(notice.id, notice.envelope, notice.recipients);
+            queue.submit(notice.id, notice.envelope, notice.recipients, None);
         }
     }
 }

@@ -209,6 +209,7 @@ impl Server {
         let expanded: Vec<RecipientReport> =
             expanded.into_iter().filter(|_| !envelope.sender.is_empty()).collect();
         let notices = self.notifier.build(id, &envelope, &content, expanded);
+        let preloaded = self.delivery.preload(&content);
         let message =
             NewMessage { id, envelope: envelope.clone(), recipients: recipients.clone(), content };
         // A message and the notices its acceptance calls for are stored together.
@@ -233,7 +234,7 @@ impl Server {
                     "message accepted"
                 );
                 let sender = envelope.sender.clone();
-                self.delivery.submit(id, envelope, recipients);
+                self.delivery.submit(id, envelope, recipients, preloaded);
                 self.notifier.submit(id, &sender, notices, &self.delivery);
                 Reply::owned(250, EnhancedStatus(2, 0, 0), format!("Ok: queued as {id}"))
             }

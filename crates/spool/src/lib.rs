@@ -49,6 +49,9 @@
 //! already queued, applies them all in one transaction and commits once, then answers every
 //! waiter. The busier the server, the more messages each fsync carries. Each operation runs in
 //! its own savepoint, so one failing operation (a duplicate id, say) fails only its caller.
+//! A batch of delivery records alone (nothing to fsync) waits up to 10 ms for more requests,
+//! so records share transactions, and pages, with each other and with stored mail; a request
+//! that stores mail ends that wait at once.
 //!
 //! Reads (content, listings) use separate read-only connections, which in WAL mode neither
 //! block the writer nor wait for it.

@@ -31,6 +31,10 @@ const CHECKPOINT_FRAMES: i32 = 1000;
 /// A commit made without fsync (see [`Operation::needs_fsync`]) reaches the disk at the
 /// next fsync'ed commit or, when none comes, within this long: the checkpointer syncs.
 const LAZY_SYNC_DELAY: Duration = Duration::from_secs(1);
+/// A batch of records that need no fsync waits this long for more requests before it
+/// commits, so that records share transactions with each other and with stored mail
+/// instead of writing the same pages once each. A request that needs an fsync ends the wait.
+const LAZY_LINGER: Duration = Duration::from_millis(10);
 
 pub(crate) enum Operation {
     Store(NewMessage),
@@ -139,9 +143,22 @@ impl Writer {
         // requests that arrived during the previous commit's fsync share the next one.
         while let Ok(first) = requests.recv() {
             let mut bytes = first.bytes();
+            let mut urgent = first.operation.needs_fsync();
             let mut batch = vec![first];
+            let linger_until = Instant::now() + LAZY_LINGER;
             while batch.len() < MAX_BATCH_OPERATIONS && bytes < MAX_BATCH_BYTES {
-                let Ok(request) = requests.try_recv() else { break };
+                let request = match requests.try_recv() {
+                    Ok(request) => request,
+                    Err(_) if urgent => break,
+                    Err(_) => {
+                        let left = linger_until.saturating_duration_since(Instant::now());
+                        match requests.recv_timeout(left) {
+                            Ok(request) => request,
+                            Err(_) => break,
+                        }
+                    }
+                };
+                urgent |= request.operation.needs_fsync();
                 bytes += request.bytes();
                 batch.push(request);
             }
