@@ -37,7 +37,7 @@ struct Job {
 /// At most this many octets of content wait in memory for their first delivery attempt; past
 /// it, messages are read back from the spool. A burst of large messages then waits on disk,
 /// where it already is, not in memory.
-const PRELOAD_BUDGET: usize = 64 << 20;
+const PRELOAD_BUDGET: usize = 16 << 20;
 
 /// The content of a message just accepted, kept for its first delivery attempt: reading it
 /// back from the spool costs a hand-off to a blocking thread and a database read per message.

@@ -363,9 +363,12 @@ impl Writer {
         emptied: &mut Vec<u64>,
     ) -> Result<Result<(), SpoolError>, TransactionFailed> {
         let connection = &self.connection;
+        // Prepared once and cached: these run twice per operation.
         let savepoint = |sql: &str| {
             connection
-                .execute_batch(sql)
+                .prepare_cached(sql)
+                .and_then(|mut statement| statement.execute([]))
+                .map(drop)
                 .context(|| format!("spool savepoint: {sql}"))
                 .map_err(TransactionFailed)
         };
@@ -396,7 +399,10 @@ impl Writer {
             // rather than the statement; the savepoint is gone then, and the operations
             // before this one were undone too.
             Err(error) if connection.is_autocommit() => return Err(TransactionFailed(error)),
-            Err(_) => savepoint("ROLLBACK TO operation; RELEASE operation")?,
+            Err(_) => {
+                savepoint("ROLLBACK TO operation")?;
+                savepoint("RELEASE operation")?;
+            }
         }
         Ok(result)
     }
@@ -524,8 +530,19 @@ fn checkpoint_loop(connection: &Connection, nudges: &Receiver<Nudge>, counters: 
                 counters.checkpoints.fetch_add(1, Ordering::Relaxed);
                 unsynced_since = None;
             }
-            // Tried again at the next nudge; the log only grows meanwhile.
-            Err(error) => warn!(%error, "spool checkpoint failed"),
+            Err(error) => {
+                // SQLITE_BUSY: another connection holds a lock a checkpoint needs for a
+                // moment (recovering the log when it opens, say); PASSIVE does not wait.
+                // Either way the next nudge tries again, and unsynced commits in a second.
+                if error.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) {
+                    tracing::debug!(%error, "spool checkpoint put off");
+                } else {
+                    warn!(%error, "spool checkpoint failed");
+                }
+                if unsynced_since.is_some() {
+                    unsynced_since = Some(Instant::now());
+                }
+            }
         }
     }
 }
