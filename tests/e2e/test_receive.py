@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import pytest
+from pathlib import Path
 from conftest import RawClient, client_tls_context
 
 QUEUED = re.compile(r"Ok: queued as ([0-9A-Z]{13})")
@@ -348,6 +349,27 @@ def test_spool_and_maildir_are_private(server):
     assert any(path.parent.name == "segments" for path in files)
     for path in files:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+
+
+def test_maildir_writers_run_at_a_lower_priority_than_the_sessions(start_server):
+    """The threads that write Maildir copies run 10 nice levels below the rest of the server
+    (README, Delivery), and mail still arrives through them."""
+    server = start_server(delivery={"workers": 3})
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.sendmail("a@example.org", ["nice@localhost"], b"Subject: n\r\n\r\nx\r\n")
+    server.wait_for_messages("nice", 1)
+    niceness = {}
+    for task in Path(f"/proc/{server.pid}/task").iterdir():
+        name = (task / "comm").read_text().strip()
+        # The command name is in parentheses and may contain spaces; fields follow it.
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        niceness.setdefault(name, set()).add(int(fields[16]))
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the server inherits the test's nice value
+    writers = {name: nice for name, nice in niceness.items() if name.startswith("maildir-")}
+    assert sorted(writers) == ["maildir-0", "maildir-1", "maildir-2"], niceness
+    assert all(nice == {min(base + 10, 19)} for nice in writers.values()), niceness
+    others = {name: nice for name, nice in niceness.items() if not name.startswith("maildir-")}
+    assert others and all(nice == {base} for nice in others.values()), niceness
 
 
 def test_root_binds_a_low_port_then_runs_as_the_configured_user(start_server):

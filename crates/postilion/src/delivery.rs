@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use maildir::MaildirRoot;
 use smtp_proto::EnhancedStatus;
 use spool::{Envelope, QueueId, QueueStore, Recipient, RecipientStatus};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -23,6 +23,14 @@ use crate::config::DeliveryConfig;
 use crate::notify::Notifier;
 use crate::outbound::Outbound;
 use crate::router::Router;
+
+/// Which recipients of a job an attempt is for, decided before it waits for its slots.
+struct Plan {
+    now: SystemTime,
+    due: Vec<usize>,
+    local: Vec<usize>,
+    remote: Vec<usize>,
+}
 
 /// One message with the recipients it still has to reach.
 struct Job {
@@ -142,9 +150,9 @@ struct Slots {
     maildir_writers: MaildirWriters,
 }
 
-/// How much less CPU share the Maildir writers get than the rest of the server (nice value,
-/// 0 to 19): a thread at nice 10 gets about a tenth of the share of one at 0 when both want
-/// the CPU, and all of it when nothing else does.
+/// How much less CPU share the Maildir writers get than the rest of the server (added to its
+/// nice value, up to 19): a thread at nice 10 gets about a tenth of the share of one at 0
+/// when both want the CPU, and all of it when nothing else does.
 const MAILDIR_WRITER_NICE: i32 = 10;
 
 /// The threads that write Maildir copies (`delivery.workers` of them), at a lower CPU
@@ -164,9 +172,12 @@ impl MaildirWriters {
         for number in 0..threads {
             let queue = queue.clone();
             std::thread::Builder::new().name(format!("maildir-{number}")).spawn(move || {
-                // Linux: the "process" of setpriority(2) is the calling thread here.
-                if let Err(error) = rustix::process::setpriority_process(None, MAILDIR_WRITER_NICE)
-                {
+                // Linux: the "process" of getpriority(2) and setpriority(2) is the calling
+                // thread here. Relative to the server's own nice value, at most 19.
+                let lowered = rustix::process::getpriority_process(None).and_then(|nice| {
+                    rustix::process::setpriority_process(None, (nice + MAILDIR_WRITER_NICE).min(19))
+                });
+                if let Err(error) = lowered {
                     warn!(%error, "cannot lower the priority of a Maildir writer thread");
                 }
                 loop {
@@ -298,7 +309,7 @@ fn domain_of(address: &str) -> String {
 }
 
 impl Deliverer {
-    async fn deliver(&self, mut job: Job, queue: &DeliveryQueue, slots: &Slots) {
+    async fn deliver(&self, job: Job, queue: &DeliveryQueue, slots: &Slots) {
         let now = SystemTime::now();
         let due: Vec<usize> = job
             .recipients
@@ -328,6 +339,22 @@ impl Deliverer {
             true => None,
             false => slots.remote.acquire().await.ok(),
         };
+        // Boxed: a job waiting for its slots (a burst of mail leaves thousands waiting) holds
+        // only this function's small state, not that of the whole attempt.
+        let plan = Plan { now, due, local, remote };
+        Box::pin(self.attempt(job, plan, (local_slot, remote_slot), queue, slots)).await;
+    }
+
+    /// The delivery attempt of a job whose slots are held.
+    async fn attempt(
+        &self,
+        mut job: Job,
+        plan: Plan,
+        held: (Option<SemaphorePermit<'_>>, Option<SemaphorePermit<'_>>),
+        queue: &DeliveryQueue,
+        slots: &Slots,
+    ) {
+        let Plan { now, due, local, remote } = plan;
         let preloaded = job.preloaded.take().map(|preloaded| preloaded.content.clone());
         let loaded = match preloaded {
             Some(content) => Ok(content),
@@ -356,7 +383,7 @@ impl Deliverer {
         attempts.extend(remote_attempts);
         // The slots bound the deliveries under way; recording the outcome waits for the
         // spool's writer, and the next job need not wait with it.
-        drop((local_slot, remote_slot));
+        drop(held);
         // A recipient whose attempt produced no result (a task that failed) is tried again
         // later like any temporary failure, never left to loop at once.
         for &index in &due {

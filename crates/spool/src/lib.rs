@@ -15,27 +15,31 @@
 //!
 //! * The envelope, the recipients and the content are written in **one SQLite transaction**,
 //!   so after a crash the message is either wholly there or wholly absent, never half stored.
-//! * The database runs in **WAL mode**, and a transaction that stores mail commits with
-//!   `synchronous=FULL`: `COMMIT` appends the transaction's pages and a checksummed commit
-//!   frame to the write-ahead log and **fsyncs the log before it returns**. On the next open
-//!   SQLite replays the log up to the last intact commit frame, so every transaction whose
-//!   `COMMIT` returned is recovered, and a transaction torn by the crash is ignored.
+//! * The database runs in **WAL mode**: `COMMIT` appends the transaction's pages and a
+//!   checksummed commit frame to the write-ahead log. On the next open SQLite replays the log
+//!   up to the last intact commit frame, so a transaction torn by a crash is ignored.
+//! * The writer's `COMMIT` does not sync; a transaction that stores mail is answered only
+//!   after the **sync thread has synced the log** (`fdatasync`) in a call that started after
+//!   the commit returned: then its frames, and every frame before them, are on stable
+//!   storage. This is what `synchronous=FULL` does, but done on another thread, so the writer
+//!   prepares the next batch while the disk flushes (see `writer::Syncer`).
 //! * A body larger than 16 KiB is not written into SQLite (which would write it twice: to the
 //!   log, then at the checkpoint) but appended to a segment file, which is synced
 //!   (`fdatasync`) before the transaction that points at it commits. See `segments`.
 //! * Transactions that only record what happened to stored mail (delivery outcomes,
-//!   removals) commit without fsync (`synchronous=NORMAL`). The log is written in order, so
-//!   the next fsync'ed commit makes them durable too, and when none comes a checkpoint does
-//!   within a second. Losing one to a power failure repeats a delivery; it never loses mail.
-//! * The future resolves only after the writer thread's `COMMIT` of the transaction that holds
-//!   the operation has returned. Nothing answers a caller earlier.
+//!   removals) are answered at their commit, without waiting for a sync. The log is written
+//!   in order, so the next sync makes them durable too, and when none comes a checkpoint
+//!   does within a second. Losing one to a power failure repeats a delivery; it never loses
+//!   mail.
+//! * Nothing answers a caller before its transaction has committed (and, for stored mail,
+//!   before the sync after it).
 //! * New directory entries are durable too: [`SqliteSpool::open`] fsyncs the parent of every
 //!   directory it creates and the spool directory after creating the database file, and
 //!   SQLite fsyncs the directory whenever it creates the log file.
 //! * When anything fails (full disk, I/O error) the future resolves `Err` and the server
-//!   answers 4xx, so the client keeps its copy and retries. A failed `COMMIT` can leave the
-//!   transaction durable anyway (for example when the log reached the disk but the fsync
-//!   reported an error); the outcome is then a duplicate delivery, never a loss.
+//!   answers 4xx, so the client keeps its copy and retries. A failed sync leaves the
+//!   transaction committed, and perhaps durable; the outcome is then a duplicate delivery,
+//!   never a loss.
 //!
 //! What remains is trust in the storage stack: fsync must not return before the data is on
 //! stable media, as for every MTA and database.
@@ -46,8 +50,9 @@
 //! would cap the server at a few hundred messages per second on ordinary disks. Durability
 //! is never traded for speed here; instead concurrent sessions share fsyncs. A single writer
 //! thread owns the write connection. It waits for a request, takes every other request
-//! already queued, applies them all in one transaction and commits once, then answers every
-//! waiter. The busier the server, the more messages each fsync carries. Each operation runs in
+//! already queued, applies them all in one transaction and commits once, then hands the
+//! waiters to the sync thread, which syncs once for every batch handed over since its last
+//! sync and answers them all. The busier the server, the more messages each sync carries. Each operation runs in
 //! its own savepoint, so one failing operation (a duplicate id, say) fails only its caller.
 //! A batch of delivery records alone (nothing to fsync) waits up to 10 ms for more requests,
 //! so records share transactions, and pages, with each other and with stored mail; a request
@@ -62,7 +67,7 @@
 //! the copying, an fsync of the database) inside the COMMIT that makes the log pass 1000
 //! pages, so every waiter of that batch would wait for it too. Here a checkpoint thread with
 //! its own connection does it instead, alongside the writer, when the log passes that size
-//! and a second after a commit made without fsync.
+//! and a second after a record that no sync has covered yet.
 
 mod db;
 mod error;
@@ -174,8 +179,8 @@ pub struct QueuedMessage {
 pub struct SpoolStats {
     /// Committed transactions.
     pub commits: u64,
-    /// Those of them that fsync'ed at commit because they stored mail; the others became
-    /// durable with the next fsync.
+    /// Those of them that stored mail, whose waiters were answered only after a sync of the
+    /// log; the others became durable with the next sync.
     pub synced_commits: u64,
     /// Operations (store, update, remove) those commits made.
     pub operations: u64,
@@ -183,6 +188,9 @@ pub struct SpoolStats {
     pub messages_stored: u64,
     /// Checkpoints run (copying the log back into the database).
     pub checkpoints: u64,
+    /// Syncs of the log by the sync thread, each answering every waiter whose commit came
+    /// before it.
+    pub log_syncs: u64,
 }
 
 /// The narrow interface the server and delivery code use, so that a PostgreSQL backend can be

@@ -14,7 +14,7 @@ use tracing::warn;
 
 use crate::error::Context;
 use crate::segments::Segments;
-use crate::writer::{CheckpointerHandle, Counters, Operation, Request, Writer};
+use crate::writer::{CheckpointerHandle, Counters, Operation, Request, Syncer, Writer};
 use crate::{
     BoxFuture, NewMessage, QueueId, QueueStore, QueuedMessage, RecipientStatus, SpoolError,
     SpoolStats, db,
@@ -76,8 +76,16 @@ impl SqliteSpool {
         let segments_dir = segments.dir().to_path_buf();
         let mut log_path = path.clone().into_os_string();
         log_path.push("-wal");
+        let log_path = PathBuf::from(log_path);
+        // From here on the writer commits without syncing; the sync thread syncs the log
+        // before anyone is answered. See writer::Syncer.
+        connection
+            .pragma_update(None, "synchronous", "OFF")
+            .context(|| "setting synchronous = OFF on the writer".into())?;
+        let log = File::open(&log_path).context(|| format!("opening {}", log_path.display()))?;
 
         let counters = Arc::new(Counters::default());
+        let syncer = Syncer::start(log, counters.clone())?;
         let checkpointer = CheckpointerHandle::start(
             open_checkpointer(&path)?,
             &mut connection,
@@ -89,9 +97,9 @@ impl SqliteSpool {
             counters: counters.clone(),
             lock,
             checkpointer,
+            syncer,
             segments,
-            log_path: log_path.into(),
-            syncing: true,
+            log_path,
         };
         let (requests, receiver) = mpsc::channel();
         let writer = std::thread::Builder::new()
@@ -250,10 +258,9 @@ fn open_writer(path: &Path) -> Result<Connection, SpoolError> {
             path.display()
         )));
     }
-    // FULL: fsync the log at every commit. (NORMAL would fsync only at checkpoints, losing
-    // the last commits on power failure: exactly the messages already answered with 250.)
-    // The writer switches to NORMAL only for transactions that store no mail; see
-    // Operation::needs_fsync.
+    // FULL while the spool opens (the schema, its checks). Once the writer thread runs, its
+    // commits do not sync and the sync thread syncs the log before any reply; see
+    // writer::Syncer.
     connection.pragma_update(None, "synchronous", "FULL").context(context)?;
     connection.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT).context(context)?;
     Ok(connection)

@@ -1,4 +1,4 @@
-//! The writer thread (group commit) and the checkpointer thread.
+//! The writer thread (group commit), the sync thread and the checkpointer thread.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -65,7 +65,7 @@ impl Operation {
         }
     }
 
-    /// Whether a reply may only follow an fsync of the operation.
+    /// Whether a reply may only follow a sync of the log after the operation's commit.
     ///
     /// New mail must be on stable storage before the 250 (RFC 5321 section 6.1). Everything
     /// else records what happened to mail already stored, after the delivery itself was
@@ -103,6 +103,7 @@ pub(crate) struct Counters {
     operations: AtomicU64,
     messages_stored: AtomicU64,
     checkpoints: AtomicU64,
+    log_syncs: AtomicU64,
 }
 
 impl Counters {
@@ -113,6 +114,7 @@ impl Counters {
             operations: self.operations.load(Ordering::Relaxed),
             messages_stored: self.messages_stored.load(Ordering::Relaxed),
             checkpoints: self.checkpoints.load(Ordering::Relaxed),
+            log_syncs: self.log_syncs.load(Ordering::Relaxed),
         }
     }
 }
@@ -129,11 +131,10 @@ pub(crate) struct Writer {
     /// closed.
     pub(crate) lock: File,
     pub(crate) checkpointer: CheckpointerHandle,
+    pub(crate) syncer: Syncer,
     pub(crate) segments: Segments,
     /// The log file, synced before a segment is deleted.
     pub(crate) log_path: PathBuf,
-    /// The `synchronous` setting of the connection now: FULL (fsync at commit) or NORMAL.
-    pub(crate) syncing: bool,
 }
 
 impl Writer {
@@ -162,46 +163,57 @@ impl Writer {
                 bytes += request.bytes();
                 batch.push(request);
             }
-            let results = self.apply_batch(&batch, bytes);
-            for (request, result) in batch.into_iter().zip(results) {
-                // A waiter that has gone away (the client hung up) changes nothing: the
-                // outcome stands and recovery or the next listing sees it.
-                let _ = request.reply.send(result);
+            let (results, sync) = self.apply_batch(&batch, bytes);
+            let replies: Replies =
+                batch.into_iter().map(|request| request.reply).zip(results).collect();
+            match sync {
+                true => self.syncer.sync_then_reply(replies),
+                false => reply(replies),
             }
         }
-        // The checkpointer's connection goes first, so that this one is the last: the last
-        // connection to close checkpoints and removes the log. Close before releasing the
-        // lock, so that a new owner never shares the files with this connection.
-        let Writer { connection, lock, checkpointer, .. } = self;
+        // Every acknowledgement goes out before the spool closes. The checkpointer's
+        // connection goes first, so that this one is the last: the last connection to close
+        // checkpoints and removes the log, which it must sync first (FULL) before the log's
+        // contents are gone. Close before releasing the lock, so that a new owner never
+        // shares the files with this connection.
+        let Writer { connection, lock, checkpointer, syncer, .. } = self;
+        syncer.stop();
         checkpointer.stop();
         let closed = connection
-            .close()
-            .map_err(|(_, error)| SpoolError::database("closing the spool".into(), error));
+            .pragma_update(None, "synchronous", "FULL")
+            .and_then(|()| connection.close().map_err(|(_, error)| error))
+            .map_err(|error| SpoolError::database("closing the spool".into(), error));
         drop(lock);
         closed
     }
 
-    /// Applies a batch in one transaction and one fsync; returns each operation's result.
-    fn apply_batch(&mut self, batch: &[Request], bytes: usize) -> Vec<Result<(), SpoolError>> {
-        let results = match self.transaction(batch) {
-            Ok(results) => results,
+    /// Applies a batch in one transaction; returns each operation's result, and whether the
+    /// results may only be given once the log is synced (the batch stored mail).
+    fn apply_batch(
+        &mut self,
+        batch: &[Request],
+        bytes: usize,
+    ) -> (Vec<Result<(), SpoolError>>, bool) {
+        let (results, sync) = match self.transaction(batch) {
+            Ok(committed) => committed,
             Err(TransactionFailed(error)) => {
                 warn!(%error, operations = batch.len(), "spool transaction failed");
                 self.roll_back();
-                vec![Err(error); batch.len()]
+                (vec![Err(error); batch.len()], false)
             }
         };
         let needed = bytes as u64 + SPACE_SLACK;
-        results
+        let results = results
             .into_iter()
             .map(|result| result.map_err(|error| refine(error, &self.dir, needed)))
-            .collect()
+            .collect();
+        (results, sync)
     }
 
     fn transaction(
         &mut self,
         batch: &[Request],
-    ) -> Result<Vec<Result<(), SpoolError>>, TransactionFailed> {
+    ) -> Result<(Vec<Result<(), SpoolError>>, bool), TransactionFailed> {
         if !self.connection.is_autocommit() {
             // A rollback after an earlier failure did not go through; retry it rather than
             // fail every later batch with "cannot start a transaction within a transaction".
@@ -212,7 +224,6 @@ impl Writer {
         }
         let bodies = self.write_bodies(batch);
         let sync = batch.iter().any(|request| request.operation.needs_fsync());
-        self.set_syncing(sync)?;
         // IMMEDIATE takes the write lock now rather than at the first write, so an outside
         // reader-turned-writer (an operator's sqlite3 shell) cannot make us fail midway.
         self.connection
@@ -253,7 +264,7 @@ impl Writer {
         if durable == 0 {
             // Nothing to make durable: skip the fsync.
             self.roll_back();
-            return Ok(results);
+            return Ok((results, false));
         }
         self.connection
             .execute_batch("COMMIT")
@@ -265,10 +276,10 @@ impl Writer {
             self.counters.synced_commits.fetch_add(1, Ordering::Relaxed);
         }
         emptied.extend(self.segments.take_retired());
-        self.delete_empty_segments(emptied, sync);
+        self.delete_empty_segments(emptied);
         self.counters.operations.fetch_add(durable, Ordering::Relaxed);
         self.counters.messages_stored.fetch_add(stored, Ordering::Relaxed);
-        Ok(results)
+        Ok((results, sync))
     }
 
     /// Appends the batch's large bodies to the active segment and syncs it, before the rows
@@ -308,9 +319,9 @@ impl Writer {
 
     /// Deletes the segments among `candidates` that no body is in any more and that are not
     /// being appended to. The removals that emptied them must be durable first: a power
-    /// failure that brought the rows back without their data would lose mail. A commit made
-    /// without fsync (`synced` false) is made durable by syncing the log, once per segment.
-    fn delete_empty_segments(&mut self, mut candidates: Vec<u64>, synced: bool) {
+    /// failure that brought the rows back without their data would lose mail. So the log is
+    /// synced here, once per segment deleted, rather than left to the sync thread.
+    fn delete_empty_segments(&mut self, mut candidates: Vec<u64>) {
         candidates.sort_unstable();
         candidates.dedup();
         let mut empty = Vec::new();
@@ -327,7 +338,7 @@ impl Writer {
         if empty.is_empty() {
             return;
         }
-        if !synced && let Err(error) = File::open(&self.log_path).and_then(|log| log.sync_data()) {
+        if let Err(error) = File::open(&self.log_path).and_then(|log| log.sync_data()) {
             // Kept, and deleted at the next start-up when no row points into it.
             warn!(%error, "cannot sync the spool log; empty segments kept for now");
             return;
@@ -337,21 +348,6 @@ impl Writer {
                 warn!(%error, segment, "cannot delete an empty segment");
             }
         }
-    }
-
-    /// Whether the coming transaction's COMMIT fsyncs the log: `synchronous` FULL or NORMAL.
-    /// In WAL mode NORMAL writes the transaction to the log without fsync, and the log is
-    /// fsync'ed before every checkpoint. Set outside a transaction.
-    fn set_syncing(&mut self, sync: bool) -> Result<(), TransactionFailed> {
-        if self.syncing != sync {
-            let level = if sync { "FULL" } else { "NORMAL" };
-            self.connection
-                .pragma_update(None, "synchronous", level)
-                .context(|| format!("setting synchronous = {level}"))
-                .map_err(TransactionFailed)?;
-            self.syncing = sync;
-        }
-        Ok(())
     }
 
     /// Runs one operation in a savepoint, so its failure undoes only its own changes. The
@@ -545,4 +541,88 @@ fn checkpoint_loop(connection: &Connection, nudges: &Receiver<Nudge>, counters: 
             }
         }
     }
+}
+
+/// Each waiter's reply sender with its result.
+type Replies = Vec<(oneshot::Sender<Result<(), SpoolError>>, Result<(), SpoolError>)>;
+
+fn reply(replies: Replies) {
+    for (waiter, result) in replies {
+        // A waiter that has gone away (the client hung up) changes nothing: the outcome
+        // stands and recovery or the next listing sees it.
+        let _ = waiter.send(result);
+    }
+}
+
+/// The sync thread: makes committed transactions durable and only then answers their waiters.
+///
+/// The writer's connection commits without syncing (`synchronous=OFF`): COMMIT writes the
+/// transaction's frames to the log and returns. The writer then hands the batch's replies to
+/// this thread and goes on with the next batch while the disk flushes. This thread takes every
+/// batch handed over so far, syncs the log (`fdatasync`) once, and answers them all: a sync
+/// that starts after a commit's frames were written makes them durable, with every earlier
+/// frame of the log. So the writer's work on one batch overlaps the flush of the previous
+/// ones, where with `synchronous=FULL` the two took turns. A crash before the sync loses only
+/// transactions no one was told about.
+pub(crate) struct Syncer {
+    batches: Option<std::sync::mpsc::Sender<Replies>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    /// `log` is the write-ahead log, opened for reading: fdatasync needs no more.
+    pub(crate) fn start(log: File, counters: Arc<Counters>) -> Result<Syncer, SpoolError> {
+        let (batches, receiver) = std::sync::mpsc::channel::<Replies>();
+        let thread = std::thread::Builder::new()
+            .name("spool-sync".into())
+            .spawn(move || {
+                while let Ok(mut replies) = receiver.recv() {
+                    while let Ok(more) = receiver.try_recv() {
+                        replies.extend(more);
+                    }
+                    match log.sync_data() {
+                        Ok(()) => {
+                            counters.log_syncs.fetch_add(1, Ordering::Relaxed);
+                            reply(replies)
+                        }
+                        Err(error) => {
+                            // Committed but perhaps not durable: the clients are told to try
+                            // again, and a retry may make a duplicate, never a loss.
+                            let error = SpoolError::io("syncing the spool log".into(), error);
+                            error!(%error, waiting = replies.len(), "spool sync failed");
+                            let failed = replies
+                                .into_iter()
+                                .map(|(waiter, result)| (waiter, result.and(Err(error.clone()))))
+                                .collect();
+                            reply(failed);
+                        }
+                    }
+                }
+            })
+            .context(|| "starting the spool sync thread".into())?;
+        Ok(Syncer { batches: Some(batches), thread: Some(thread) })
+    }
+
+    fn sync_then_reply(&self, replies: Replies) {
+        let Some(batches) = &self.batches else { return reply_closed(replies) };
+        if let Err(std::sync::mpsc::SendError(replies)) = batches.send(replies) {
+            error!("the spool sync thread is gone");
+            reply_closed(replies);
+        }
+    }
+
+    /// Lets the thread sync and answer everything handed over, then waits for it.
+    fn stop(mut self) {
+        drop(self.batches.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            error!("the spool sync thread panicked");
+        }
+    }
+}
+
+/// Never known to be durable: the waiters are told the spool is closed.
+fn reply_closed(replies: Replies) {
+    reply(replies.into_iter().map(|(waiter, _)| (waiter, Err(SpoolError::Closed))).collect());
 }

@@ -196,6 +196,9 @@ fn concurrent_stores_share_commits() {
             operations as f64 / commits as f64
         );
         assert!(commits * 4 < operations, "little batching: {sustained:?}");
+        // Every store was answered after a sync, and syncs were shared too.
+        assert!(sustained.log_syncs <= sustained.synced_commits, "{sustained:?}");
+        assert!(sustained.log_syncs > 0, "{sustained:?}");
     });
 }
 
@@ -506,6 +509,7 @@ fn records_of_outcomes_commit_without_fsync_and_a_checkpoint_syncs_them_soon() {
         spool.store_all(vec![kept.clone(), removed.clone()]).await.unwrap();
         let stored = spool.stats();
         assert_eq!((stored.commits, stored.synced_commits), (1, 1));
+        assert_eq!(stored.log_syncs, 1, "answered only after the log was synced");
 
         spool.remove(removed.id).await.unwrap();
         let at = millis(1_700_000_000_000);
@@ -514,6 +518,7 @@ fn records_of_outcomes_commit_without_fsync_and_a_checkpoint_syncs_them_soon() {
         let recorded = spool.stats();
         assert_eq!(recorded.commits, 3, "{recorded:?}");
         assert_eq!(recorded.synced_commits, 1, "records are not fsync'ed: {recorded:?}");
+        assert_eq!(recorded.log_syncs, 1, "records are not fsync'ed: {recorded:?}");
 
         // No mail follows to carry them to the disk: the checkpointer syncs them.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -524,6 +529,7 @@ fn records_of_outcomes_commit_without_fsync_and_a_checkpoint_syncs_them_soon() {
         // A store after them is fsync'ed again.
         spool.store(message(b"next")).await.unwrap();
         assert_eq!(spool.stats().synced_commits, 2);
+        assert_eq!(spool.stats().log_syncs, 2);
         let listed = spool.list().await.unwrap();
         assert_eq!(listed.len(), 2);
         assert!(listed[0].recipients[0].status.is_final());
