@@ -25,7 +25,9 @@
 //!
 //! Deliveries into the same mailbox share the `fsync` of `new/` (group
 //! commit): one `fsync` that starts after a delivery's link covers it, so
-//! concurrent deliveries wait for one flush instead of one each.
+//! concurrent deliveries wait for one flush instead of one each; a delivery
+//! about to start that `fsync` first waits up to a millisecond for the
+//! others still writing their files into the mailbox.
 //!
 //! The calls are blocking; async callers should run them on a blocking
 //! thread pool (for example `tokio::task::spawn_blocking`).
@@ -173,17 +175,20 @@ impl MaildirRoot {
         let new_dir = maildir.join("new");
         let new_path = new_dir.join(&name);
 
+        let mut writing = DirSync::writing(&new_dir_sync);
         let tmp = match self.write_and_link(&maildir, &new_path, prefix, content) {
             Err(MaildirError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 // The maildir was removed behind our back: set it up again.
+                drop(writing);
                 self.forget(mailbox);
                 new_dir_sync = self.prepare(mailbox, &maildir)?;
+                writing = DirSync::writing(&new_dir_sync);
                 self.write_and_link(&maildir, &new_path, prefix, content)?
             }
             other => other?,
         };
 
-        if let Err(err) = new_dir_sync.sync(&new_dir) {
+        if let Err(err) = new_dir_sync.sync(&new_dir, writing) {
             // Whether the new entry is on disk is unknown. The caller will be
             // told to retry, so take the entry back to avoid a duplicate.
             let _ = fs::remove_file(&new_path);
@@ -299,21 +304,62 @@ struct DirSyncState {
     synced: u64,
     /// An `fsync` is running.
     running: bool,
+    /// Deliveries writing their file, whose entries are about to be added.
+    writing: usize,
+}
+
+/// How long an `fsync` of `new/` is put off while other deliveries into the
+/// mailbox are still writing their files, so that one `fsync` covers them too.
+const DIR_SYNC_LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// A delivery between its start and its entry in `new/`; see [`DirSync::writing`].
+struct Writing(Option<Arc<DirSync>>);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        // Still counted only when the delivery failed: `sync` takes the count off itself.
+        if let Some(sync) = self.0.take() {
+            sync.lock().writing -= 1;
+            sync.finished.notify_all();
+        }
+    }
 }
 
 impl DirSync {
-    /// Returns once an `fsync` of `dir` that started after this call did
-    /// (the caller's entry was added before the call), running one itself
-    /// when none is running, otherwise waiting for the one that is.
-    fn sync(&self, dir: &Path) -> io::Result<()> {
-        self.sync_with(|| sync_dir(dir))
+    fn lock(&self) -> MutexGuard<'_, DirSyncState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn sync_with(&self, fsync: impl Fn() -> io::Result<()>) -> io::Result<()> {
-        let lock = || self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut state = lock();
+    /// Counts a delivery into the mailbox from before its file is written
+    /// until its entry is added by [`DirSync::sync`].
+    fn writing(this: &Arc<DirSync>) -> Writing {
+        this.lock().writing += 1;
+        Writing(Some(this.clone()))
+    }
+
+    /// Returns once an `fsync` of `dir` that started after the caller's
+    /// entry was added (its link is done) has finished, running one itself
+    /// when none is running, otherwise waiting for the one that is. Before
+    /// starting one it waits up to [`DIR_SYNC_LINGER`] for the deliveries
+    /// still writing, so that the one `fsync` covers their entries too.
+    fn sync(&self, dir: &Path, writing: Writing) -> io::Result<()> {
+        self.sync_with(writing, || sync_dir(dir))
+    }
+
+    fn sync_with(
+        &self,
+        mut writing: Writing,
+        fsync: impl Fn() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut state = self.lock();
+        // The entry is added and the delivery stops counting as writing in one step.
+        if writing.0.take().is_some() {
+            state.writing -= 1;
+        }
         state.added += 1;
         let ticket = state.added;
+        self.finished.notify_all();
+        let mut lingered = false;
         loop {
             if state.synced >= ticket {
                 return Ok(());
@@ -322,12 +368,23 @@ impl DirSync {
                 state = self.finished.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
                 continue;
             }
+            if state.writing > 0 && !lingered {
+                lingered = true;
+                state = self
+                    .finished
+                    .wait_timeout_while(state, DIR_SYNC_LINGER, |state| {
+                        state.writing > 0 && !state.running && state.synced < ticket
+                    })
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .0;
+                continue;
+            }
             // Everything added so far is linked, so this fsync covers it.
             let covers = state.added;
             state.running = true;
             drop(state);
             let result = fsync();
-            state = lock();
+            state = self.lock();
             state.running = false;
             if result.is_ok() {
                 state.synced = state.synced.max(covers);
@@ -605,8 +662,9 @@ mod tests {
             .map(|_| {
                 let (sync, fsyncs, barrier) = (sync.clone(), fsyncs.clone(), barrier.clone());
                 std::thread::spawn(move || {
+                    let writing = DirSync::writing(&sync);
                     barrier.wait();
-                    sync.sync_with(|| {
+                    sync.sync_with(writing, || {
                         fsyncs.fetch_add(1, Ordering::SeqCst);
                         // Hold the flush until every entry is in, so the
                         // count does not depend on thread scheduling.
@@ -626,16 +684,40 @@ mod tests {
         let count = fsyncs.load(Ordering::SeqCst);
         assert!((1..=2).contains(&count), "{count} fsyncs for {threads} entries");
         let state = sync.state.lock().unwrap();
-        assert_eq!((state.added, state.synced, state.running), (8, 8, false));
+        assert_eq!((state.added, state.synced, state.running, state.writing), (8, 8, false, 0));
+    }
+
+    #[test]
+    fn a_directory_sync_waits_a_little_for_deliveries_still_writing() {
+        use std::time::Instant;
+        let sync = Arc::new(DirSync::default());
+        let slow = DirSync::writing(&sync);
+        let started = Instant::now();
+        sync.sync_with(DirSync::writing(&sync), || Ok(())).unwrap();
+        // The other delivery never finished: the fsync went ahead after the
+        // linger, for this entry alone.
+        assert!(started.elapsed() >= DIR_SYNC_LINGER);
+        let counts = |sync: &DirSync| {
+            let state = sync.lock();
+            (state.added, state.synced, state.writing)
+        };
+        assert_eq!(counts(&sync), (1, 1, 1));
+        drop(slow);
+        assert_eq!(sync.lock().writing, 0, "a failed delivery stops counting");
+        // Nobody else writing: no wait at all is needed (not timed here), and
+        // the count stays balanced.
+        sync.sync_with(DirSync::writing(&sync), || Ok(())).unwrap();
+        assert_eq!(counts(&sync), (2, 2, 0));
     }
 
     #[test]
     fn a_failed_directory_sync_fails_its_caller_and_the_next_one_retries() {
-        let sync = DirSync::default();
+        let sync = Arc::new(DirSync::default());
         let failure = || Err(io::Error::other("disk gone"));
-        assert_eq!(sync.sync_with(failure).unwrap_err().to_string(), "disk gone");
+        let failed = sync.sync_with(DirSync::writing(&sync), failure);
+        assert_eq!(failed.unwrap_err().to_string(), "disk gone");
         let calls = AtomicU64::new(0);
-        sync.sync_with(|| {
+        sync.sync_with(DirSync::writing(&sync), || {
             calls.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })
