@@ -239,14 +239,25 @@ impl Readers {
     }
 }
 
+/// A connection to the spool database, waiting up to [`BUSY_TIMEOUT`] for locks.
+fn open_connection(
+    path: &Path,
+    writable: bool,
+    context: impl Fn() -> String,
+) -> Result<Connection, SpoolError> {
+    let access = match writable {
+        true => OpenFlags::SQLITE_OPEN_READ_WRITE,
+        false => OpenFlags::SQLITE_OPEN_READ_ONLY,
+    };
+    let connection = Connection::open_with_flags(path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .context(&context)?;
+    connection.busy_timeout(BUSY_TIMEOUT).context(&context)?;
+    Ok(connection)
+}
+
 fn open_writer(path: &Path) -> Result<Connection, SpoolError> {
     let context = || format!("opening {}", path.display());
-    let connection = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .context(context)?;
-    connection.busy_timeout(BUSY_TIMEOUT).context(context)?;
+    let connection = open_connection(path, true, context)?;
     // WAL: a commit appends to the log and fsyncs it once, and readers never block the
     // writer. The mode is stored in the database; check that it took, because SQLite keeps
     // the old mode silently when it cannot switch (e.g. without shared memory support).
@@ -270,26 +281,14 @@ fn open_writer(path: &Path) -> Result<Connection, SpoolError> {
 /// the database after.
 fn open_checkpointer(path: &Path) -> Result<Connection, SpoolError> {
     let context = || format!("opening {} for checkpoints", path.display());
-    let connection = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .context(context)?;
-    connection.busy_timeout(BUSY_TIMEOUT).context(context)?;
+    let connection = open_connection(path, true, context)?;
     connection.pragma_update(None, "synchronous", "FULL").context(context)?;
     connection.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT).context(context)?;
     Ok(connection)
 }
 
 fn open_reader(path: &Path) -> Result<Connection, SpoolError> {
-    let context = || format!("opening {} for reading", path.display());
-    let connection = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .context(context)?;
-    connection.busy_timeout(BUSY_TIMEOUT).context(context)?;
-    Ok(connection)
+    open_connection(path, false, || format!("opening {} for reading", path.display()))
 }
 
 /// Creates `dir` (and missing parents) with mode 0700 and tightens an existing one: queued
