@@ -423,6 +423,9 @@ impl Deliverer {
             updates.push((index, status));
         }
         let notices = self.notifier.build(job.id, &job.envelope, &content, reports);
+        // The slots are free already; while the outcome waits for the spool, the message
+        // must not hold its copy, or a stalled spool would let copies pile up.
+        drop(content);
         let mut after = job.recipients.clone();
         for (index, status) in &updates {
             after[*index].status = status.clone();

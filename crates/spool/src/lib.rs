@@ -18,7 +18,9 @@
 //! * The database runs in **WAL mode**: `COMMIT` appends the transaction's pages and a
 //!   checksummed commit frame to the write-ahead log. On the next open SQLite replays the log
 //!   up to the last intact commit frame, so a transaction torn by a crash is ignored.
-//! * The writer's `COMMIT` does not sync; a transaction that stores mail is answered only
+//! * The writer's `COMMIT` does not sync the log (`synchronous=NORMAL`, which in WAL mode
+//!   still syncs a new log header when the log starts over after a checkpoint, so that a
+//!   crash cannot replay an old frame over newer data); a transaction that stores mail is answered only
 //!   after the **sync thread has synced the log** (`fdatasync`) in a call that started after
 //!   the commit returned: then its frames, and every frame before them, are on stable
 //!   storage. This is what `synchronous=FULL` does, but done on another thread, so the writer
@@ -39,7 +41,11 @@
 //! * When anything fails (full disk, I/O error) the future resolves `Err` and the server
 //!   answers 4xx, so the client keeps its copy and retries. A failed sync leaves the
 //!   transaction committed, and perhaps durable; the outcome is then a duplicate delivery,
-//!   never a loss.
+//!   never a loss. After a failed sync of the log nothing more is acknowledged until the
+//!   spool is opened again: Linux reports a failed writeback once, so a later sync that
+//!   succeeds would not prove the earlier frames durable.
+//! * At start-up the log is synced before segments that no row points into are deleted: a
+//!   process killed with `kill -9` may have left removals in the page cache only.
 //!
 //! What remains is trust in the storage stack: fsync must not return before the data is on
 //! stable media, as for every MTA and database.
@@ -191,6 +197,9 @@ pub struct SpoolStats {
     /// Syncs of the log by the sync thread, each answering every waiter whose commit came
     /// before it.
     pub log_syncs: u64,
+    /// A sync of the log failed: nothing is acknowledged any more until the spool is opened
+    /// again (Linux reports a failed writeback only once).
+    pub log_sync_failed: bool,
 }
 
 /// The narrow interface the server and delivery code use, so that a PostgreSQL backend can be

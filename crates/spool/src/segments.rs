@@ -79,6 +79,9 @@ pub(crate) struct Segments {
     /// Segments that stopped being active since the last [`Segments::take_retired`]: they may
     /// already be empty, and no removal would then ever look at them again.
     retired: Vec<u64>,
+    /// Segments whose sync failed since the last [`Segments::take_failed`], with the error:
+    /// nothing appended to them since their last good sync may be on the disk.
+    failed: Vec<(u64, SpoolError)>,
 }
 
 struct Active {
@@ -113,7 +116,13 @@ impl Segments {
                 remove(&entry.path())?;
             }
         }
-        Ok(Segments { dir, active: None, next: highest + 1, retired: Vec::new() })
+        Ok(Segments {
+            dir,
+            active: None,
+            next: highest + 1,
+            retired: Vec::new(),
+            failed: Vec::new(),
+        })
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -150,7 +159,8 @@ impl Segments {
     }
 
     /// Makes every body appended so far durable. After a failure the segment is given up
-    /// (what the kernel kept of it is unknown), and the next body starts a new one.
+    /// (what the kernel kept of it is unknown), the next body starts a new one, and the
+    /// segment is listed for [`Segments::take_failed`].
     pub(crate) fn sync(&mut self) -> Result<(), SpoolError> {
         let Some(active) = self.active.as_mut() else { return Ok(()) };
         if !active.unsynced {
@@ -163,8 +173,10 @@ impl Segments {
             }
             Err(error) => {
                 let context = format!("syncing {}", path(&self.dir, active.number).display());
+                let error = SpoolError::io(context, error);
+                self.failed.push((active.number, error.clone()));
                 self.retire();
-                Err(SpoolError::io(context, error))
+                Err(error)
             }
         }
     }
@@ -178,6 +190,10 @@ impl Segments {
 
     pub(crate) fn take_retired(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.retired)
+    }
+
+    pub(crate) fn take_failed(&mut self) -> Vec<(u64, SpoolError)> {
+        std::mem::take(&mut self.failed)
     }
 
     /// Deletes a segment that no row points into any more. The caller has made that

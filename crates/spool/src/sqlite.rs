@@ -42,7 +42,7 @@ pub struct SqliteSpool {
     requests: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<Result<(), SpoolError>>>,
     readers: Arc<Readers>,
-    counters: Arc<Counters>,
+    pub(crate) counters: Arc<Counters>,
 }
 
 impl SqliteSpool {
@@ -72,22 +72,31 @@ impl SqliteSpool {
         let mut connection = open_writer(&path)?;
         db::migrate(&connection)?;
         db::check_metadata(&connection)?;
-        let segments = Segments::open(dir, &db::referenced_segments(&connection)?)?;
-        let segments_dir = segments.dir().to_path_buf();
         let mut log_path = path.clone().into_os_string();
         log_path.push("-wal");
         let log_path = PathBuf::from(log_path);
-        // From here on the writer commits without syncing; the sync thread syncs the log
-        // before anyone is answered. See writer::Syncer.
-        connection
-            .pragma_update(None, "synchronous", "OFF")
-            .context(|| "setting synchronous = OFF on the writer".into())?;
         let log = File::open(&log_path).context(|| format!("opening {}", log_path.display()))?;
+        // After a kill -9 the log may hold removals that reached the page cache but not the
+        // disk. Segments they emptied are deleted below: the removals must be durable first.
+        log.sync_data().context(|| format!("syncing {}", log_path.display()))?;
+        let segments = Segments::open(dir, &db::referenced_segments(&connection)?)?;
+        let segments_dir = segments.dir().to_path_buf();
+        // From here on the writer's commits do not sync the log; the sync thread does before
+        // anyone is answered (see writer::Syncer). NORMAL rather than OFF: in WAL mode NORMAL
+        // skips the sync at commit but keeps the one SQLite makes of a new log header when it
+        // starts the log over, without which a crash could replay an old frame over newer data.
+        connection
+            .pragma_update(None, "synchronous", "NORMAL")
+            .context(|| "setting synchronous = NORMAL on the writer".into())?;
 
         let counters = Arc::new(Counters::default());
-        let syncer = Syncer::start(log, counters.clone())?;
+        let syncer = Syncer::start(
+            log.try_clone().context(|| format!("opening {}", log_path.display()))?,
+            counters.clone(),
+        )?;
         let checkpointer = CheckpointerHandle::start(
             open_checkpointer(&path)?,
+            log,
             &mut connection,
             counters.clone(),
         )?;

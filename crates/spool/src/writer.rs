@@ -104,6 +104,10 @@ pub(crate) struct Counters {
     messages_stored: AtomicU64,
     checkpoints: AtomicU64,
     log_syncs: AtomicU64,
+    /// A sync of the log failed. Linux reports a failed writeback once and then marks the
+    /// pages clean, so a later sync succeeding proves nothing about the frames before it:
+    /// from then on no operation is acknowledged, until the spool is opened again.
+    pub(crate) log_sync_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Counters {
@@ -115,6 +119,7 @@ impl Counters {
             messages_stored: self.messages_stored.load(Ordering::Relaxed),
             checkpoints: self.checkpoints.load(Ordering::Relaxed),
             log_syncs: self.log_syncs.load(Ordering::Relaxed),
+            log_sync_failed: self.log_sync_failed.load(Ordering::Relaxed),
         }
     }
 }
@@ -162,6 +167,15 @@ impl Writer {
                 urgent |= request.operation.needs_fsync();
                 bytes += request.bytes();
                 batch.push(request);
+            }
+            if self.counters.log_sync_failed.load(Ordering::Relaxed) {
+                reply(
+                    batch
+                        .into_iter()
+                        .map(|request| (request.reply, Err(log_sync_failed())))
+                        .collect(),
+                );
+                continue;
             }
             let (results, sync) = self.apply_batch(&batch, bytes);
             let replies: Replies =
@@ -307,9 +321,22 @@ impl Writer {
                     .collect()
             })
             .collect();
-        if appended && let Err(error) = self.segments.sync() {
+        if appended {
+            // Its error is kept with the segment, below.
+            let _ = self.segments.sync();
+        }
+        // A body in a segment whose sync failed (at the end, or when the batch moved on to a
+        // new segment) may not be on the disk: its request fails, like the one that failed.
+        let failed = self.segments.take_failed();
+        if !failed.is_empty() {
             for placed in &mut bodies {
-                if placed.as_ref().is_ok_and(|bodies| bodies.iter().any(Option::is_some)) {
+                let lost = placed.as_ref().ok().and_then(|bodies| {
+                    bodies
+                        .iter()
+                        .flatten()
+                        .find_map(|at| failed.iter().find(|(segment, _)| *segment == at.segment))
+                });
+                if let Some((_, error)) = lost {
                     *placed = Err(error.clone());
                 }
             }
@@ -452,6 +479,7 @@ impl CheckpointerHandle {
     /// more fsyncs and the copying.
     pub(crate) fn start(
         connection: Connection,
+        log: File,
         writer: &mut Connection,
         counters: Arc<Counters>,
     ) -> Result<CheckpointerHandle, SpoolError> {
@@ -467,7 +495,7 @@ impl CheckpointerHandle {
         let (nudges, receiver) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("spool-checkpoint".into())
-            .spawn(move || checkpoint_loop(&connection, &receiver, &counters))
+            .spawn(move || checkpoint_loop(&connection, &log, &receiver, &counters))
             .context(|| "starting the spool checkpoint thread".into())?;
         Ok(CheckpointerHandle { nudges: Some(nudges), thread: Some(thread), frames })
     }
@@ -505,7 +533,12 @@ impl CheckpointerHandle {
 /// fsync within [`LAZY_SYNC_DELAY`]. A PASSIVE checkpoint never waits for the writer or the
 /// readers: it copies what it can, fsyncing the log first and the database after, and the
 /// writer starts the log over once everything in it has been copied.
-fn checkpoint_loop(connection: &Connection, nudges: &Receiver<Nudge>, counters: &Counters) {
+fn checkpoint_loop(
+    connection: &Connection,
+    log: &File,
+    nudges: &Receiver<Nudge>,
+    counters: &Counters,
+) {
     let mut unsynced_since: Option<Instant> = None;
     loop {
         let nudge = match unsynced_since {
@@ -521,10 +554,18 @@ fn checkpoint_loop(connection: &Connection, nudges: &Receiver<Nudge>, counters: 
             Ok(Nudge::LogLarge) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
+        // A PASSIVE checkpoint syncs the log only when it has frames to copy, which readers'
+        // snapshots can prevent: the records waiting for a sync get one here.
+        if unsynced_since.is_some() {
+            if let Err(error) = log.sync_data() {
+                counters.log_sync_failed.store(true, Ordering::Relaxed);
+                error!(%error, "spool log sync failed; no more mail is accepted until the server is restarted");
+            }
+            unsynced_since = None;
+        }
         match connection.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE) {
             Ok(_) => {
                 counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-                unsynced_since = None;
             }
             Err(error) => {
                 // SQLITE_BUSY: another connection holds a lock a checkpoint needs for a
@@ -534,9 +575,6 @@ fn checkpoint_loop(connection: &Connection, nudges: &Receiver<Nudge>, counters: 
                     tracing::debug!(%error, "spool checkpoint put off");
                 } else {
                     warn!(%error, "spool checkpoint failed");
-                }
-                if unsynced_since.is_some() {
-                    unsynced_since = Some(Instant::now());
                 }
             }
         }
@@ -572,6 +610,7 @@ pub(crate) struct Syncer {
 impl Syncer {
     /// `log` is the write-ahead log, opened for reading: fdatasync needs no more.
     pub(crate) fn start(log: File, counters: Arc<Counters>) -> Result<Syncer, SpoolError> {
+        // See Counters::log_sync_failed.
         let (batches, receiver) = std::sync::mpsc::channel::<Replies>();
         let thread = std::thread::Builder::new()
             .name("spool-sync".into())
@@ -579,6 +618,10 @@ impl Syncer {
                 while let Ok(mut replies) = receiver.recv() {
                     while let Ok(more) = receiver.try_recv() {
                         replies.extend(more);
+                    }
+                    if counters.log_sync_failed.load(Ordering::Relaxed) {
+                        reply_failed(replies, log_sync_failed());
+                        continue;
                     }
                     match log.sync_data() {
                         Ok(()) => {
@@ -588,13 +631,10 @@ impl Syncer {
                         Err(error) => {
                             // Committed but perhaps not durable: the clients are told to try
                             // again, and a retry may make a duplicate, never a loss.
+                            counters.log_sync_failed.store(true, Ordering::Relaxed);
                             let error = SpoolError::io("syncing the spool log".into(), error);
-                            error!(%error, waiting = replies.len(), "spool sync failed");
-                            let failed = replies
-                                .into_iter()
-                                .map(|(waiter, result)| (waiter, result.and(Err(error.clone()))))
-                                .collect();
-                            reply(failed);
+                            error!(%error, waiting = replies.len(), "spool sync failed; no more mail is accepted until the server is restarted");
+                            reply_failed(replies, error);
                         }
                     }
                 }
@@ -624,5 +664,21 @@ impl Syncer {
 
 /// Never known to be durable: the waiters are told the spool is closed.
 fn reply_closed(replies: Replies) {
-    reply(replies.into_iter().map(|(waiter, _)| (waiter, Err(SpoolError::Closed))).collect());
+    reply_failed(replies, SpoolError::Closed);
+}
+
+fn reply_failed(replies: Replies, error: SpoolError) {
+    reply(
+        replies
+            .into_iter()
+            .map(|(waiter, result)| (waiter, result.and(Err(error.clone()))))
+            .collect(),
+    );
+}
+
+fn log_sync_failed() -> SpoolError {
+    SpoolError::Io {
+        context: "the spool log could not be synced earlier; restart the server".into(),
+        error: Arc::new(std::io::Error::other("spool log sync failed")),
+    }
 }

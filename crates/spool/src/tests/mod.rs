@@ -646,3 +646,27 @@ fn a_segment_is_deleted_once_its_last_body_is_removed_and_it_is_no_longer_writte
     spool.close().unwrap();
     assert_eq!(integrity_check(dir.path()), "ok");
 }
+
+#[test]
+fn after_a_failed_log_sync_nothing_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let rt = runtime();
+    let kept = message(b"before");
+    rt.block_on(spool.store(kept.clone())).unwrap();
+    // As the sync thread does when fdatasync fails: Linux reports a failed writeback once,
+    // so a later sync that succeeds would prove nothing.
+    spool.counters.log_sync_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+    let refused = rt.block_on(spool.store(message(b"after")));
+    assert!(
+        matches!(&refused, Err(SpoolError::Io { context, .. }) if context.contains("restart")),
+        "{refused:?}"
+    );
+    assert!(rt.block_on(spool.remove(kept.id)).is_err(), "records are refused too");
+    assert!(spool.stats().log_sync_failed);
+    spool.close().unwrap();
+    // A new start begins afresh, with what was acknowledged before.
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    assert_eq!(rt.block_on(spool.list()).unwrap().len(), 1);
+    rt.block_on(spool.store(message(b"again"))).unwrap();
+}
