@@ -41,13 +41,7 @@ message_size=26214400
 bench_need_root "Postfix instance, smtp-sink, cgroups"
 bench_install_postfix
 bench_cgroup_root
-parent=${1:-$repo/target}
-work=$(mktemp -d "$parent/bench-compare.XXXXXX")
-# Postfix daemons and Postilion (both run unprivileged) open files by absolute path.
-chmod 0711 "$work"
-mkdir "$work/bin"
-chmod 0755 "$work/bin"
-bench_binaries "$repo" "$work/bin"
+bench_workdir "$repo" compare "${1:-}"
 results=$work/results.tsv
 : >"$results"
 nobody_uid=$(id -u nobody)

@@ -37,12 +37,7 @@ if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$need" ]; then
 fi
 [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$need" ] && ulimit -n "$need"
 
-parent=${1:-$repo/target}
-work=$(mktemp -d "$parent/bench-idle.XXXXXX")
-chmod 0711 "$work"
-mkdir "$work/bin"
-chmod 0755 "$work/bin"
-bench_binaries "$repo" "$work/bin"
+bench_workdir "$repo" idle "${1:-}"
 
 server_pid=
 cleanup() {

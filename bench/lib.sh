@@ -29,21 +29,29 @@ bench_install_postfix() {
   fi
 }
 
+# Makes the run's work directory, $work, under parent (default: the repository's target/,
+# on the disk), and its bin/ with the binaries under test (bench_binaries). Unprivileged
+# daemons (Postfix's, Postilion as nobody) open files in it by absolute path: 0711.
+bench_workdir() { # repo name [parent]
+  local repo=$1 name=$2 parent=${3:-$1/target}
+  work=$(mktemp -d "$parent/bench-$name.XXXXXX")
+  chmod 0711 "$work"
+  mkdir "$work/bin"
+  chmod 0755 "$work/bin"
+  bench_binaries "$repo" "$work/bin"
+}
+
 # Sets postilion, loadgen and tls_sink to the binaries under test: POSTILION_BIN, LOADGEN_BIN
-# and TLS_SINK_BIN if set, else a release build of the working tree. With a directory
-# argument the built binaries are copied there first, so that a rebuild of target/ during a
-# long run cannot change them half-way. Also sets postilion_version to the commit built and
-# whether crates/ had uncommitted changes.
-bench_binaries() { # repo [copy-to-dir]
-  local repo=$1 copy=${2:-}
+# and TLS_SINK_BIN if set, else a release build of the working tree, copied into dir first,
+# so that a rebuild of target/ during a long run cannot change them half-way. Also sets
+# postilion_version to the commit built and whether crates/ had uncommitted changes.
+bench_binaries() { # repo dir
+  local repo=$1 dir=$2
   postilion=${POSTILION_BIN:-} loadgen=${LOADGEN_BIN:-} tls_sink=${TLS_SINK_BIN:-}
   if [ -z "$postilion" ] || [ -z "$loadgen" ] || [ -z "$tls_sink" ]; then
     (cd "$repo" && cargo build --release -q -p postilion -p loadgen)
     local bin
-    for bin in postilion loadgen tls-sink; do
-      if [ -n "$copy" ]; then cp "$repo/target/release/$bin" "$copy/$bin"; fi
-    done
-    local dir=${copy:-$repo/target/release}
+    for bin in postilion loadgen tls-sink; do cp "$repo/target/release/$bin" "$dir/$bin"; done
     postilion=${postilion:-$dir/postilion}
     loadgen=${loadgen:-$dir/loadgen}
     tls_sink=${tls_sink:-$dir/tls-sink}

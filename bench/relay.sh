@@ -52,13 +52,8 @@ recipient=user@remote.test
 bench_need_root "Postfix instance, smtp-sink, cgroups"
 bench_install_postfix
 command -v openssl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
-bench_binaries "$repo"
 bench_cgroup_root
-
-parent=${1:-$repo/target}
-work=$(mktemp -d "$parent/bench-relay.XXXXXX")
-# Postfix daemons run as the postfix user and open files by absolute path.
-chmod 0711 "$work"
+bench_workdir "$repo" relay "${1:-}"
 results=$work/results.tsv
 : >"$results"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
@@ -250,7 +245,7 @@ PY
 echo "relay benchmark: $rounds rounds; $plain_messages messages (TLS mode none, $plain_sink) or" \
   "$tls_messages (opportunistic, tls-sink with STARTTLS) of $size octets; $sessions loadgen sessions;" \
   "1 recipient ($recipient); $concurrency connections to the sink on $sink_host; $(nproc) CPUs" >&2
-echo "postilion: $postilion; $(/usr/sbin/postconf -d -h mail_version | sed 's/^/postfix /')" >&2
+echo "postilion $postilion_version; $(/usr/sbin/postconf -d -h mail_version | sed 's/^/postfix /')" >&2
 for round in $(seq "$rounds"); do
   for tls in $tls_modes; do
     # Alternate which relay goes first, so neither always runs on a warmer (or more tired)
