@@ -414,15 +414,11 @@ impl Run {
                 }
                 Step::Failure(error) => {
                     self.exchange = None;
+                    // Which reply goes with which error is the server's choice (conn.rs);
+                    // the session only sees a failure reply, temporary or permanent.
                     let reply = match error.kind() {
-                        AuthErrorKind::InvalidCredentials => reply::AUTH_INVALID_CREDENTIALS,
-                        AuthErrorKind::Malformed => reply::AUTH_MALFORMED,
-                        AuthErrorKind::InitialResponseNotAllowed => {
-                            reply::INITIAL_RESPONSE_NOT_ALLOWED
-                        }
-                        AuthErrorKind::MechanismNotAvailable => reply::UNKNOWN_MECHANISM,
-                        AuthErrorKind::TooLong => reply::AUTH_LINE_TOO_LONG,
                         AuthErrorKind::TemporaryFailure => reply::AUTH_TEMPORARY_FAILURE,
+                        _ => reply::AUTH_INVALID_CREDENTIALS,
                     };
                     self.session.auth_failure(reply);
                     assert!(self.session.authenticated_as().is_none());
