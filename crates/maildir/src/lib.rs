@@ -737,7 +737,9 @@ mod tests {
         // only another correct path for them.
         UNNAMED_FILES.store(false, Ordering::Relaxed);
         let delivered = root.deliver("u", b"P: 1\r\n", b"body");
+        let unnamed = open_unnamed(&dir.join("u/tmp"));
         UNNAMED_FILES.store(true, Ordering::Relaxed);
+        assert!(unnamed.unwrap().is_none(), "switched off, no unnamed file is made");
         let path = delivered.unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"P: 1\r\nbody");
         assert_eq!(fs::read_dir(dir.join("u/tmp")).unwrap().count(), 0);
