@@ -90,13 +90,13 @@ impl SqliteSpool {
             .context(|| "setting synchronous = NORMAL on the writer".into())?;
 
         let counters = Arc::new(Counters::default());
-        let syncer = Syncer::start(
-            log.try_clone().context(|| format!("opening {}", log_path.display()))?,
-            counters.clone(),
-        )?;
+        // Three threads sync the log: the sync thread, the checkpoint thread and the writer
+        // (before it deletes a segment); each has its own handle.
+        let log_handle = || log.try_clone().context(|| format!("opening {}", log_path.display()));
+        let syncer = Syncer::start(log_handle()?, counters.clone())?;
         let checkpointer = CheckpointerHandle::start(
             open_checkpointer(&path)?,
-            log,
+            log_handle()?,
             &mut connection,
             counters.clone(),
         )?;
@@ -108,7 +108,7 @@ impl SqliteSpool {
             checkpointer,
             syncer,
             segments,
-            log_path,
+            log,
         };
         let (requests, receiver) = mpsc::channel();
         let writer = std::thread::Builder::new()

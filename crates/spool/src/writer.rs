@@ -139,7 +139,7 @@ pub(crate) struct Writer {
     pub(crate) syncer: Syncer,
     pub(crate) segments: Segments,
     /// The log file, synced before a segment is deleted.
-    pub(crate) log_path: PathBuf,
+    pub(crate) log: File,
 }
 
 impl Writer {
@@ -365,7 +365,7 @@ impl Writer {
         if empty.is_empty() {
             return;
         }
-        if let Err(error) = File::open(&self.log_path).and_then(|log| log.sync_data()) {
+        if let Err(error) = self.log.sync_data() {
             // Kept, and deleted at the next start-up when no row points into it.
             warn!(%error, "cannot sync the spool log; empty segments kept for now");
             return;
