@@ -73,7 +73,11 @@
 //! the copying, an fsync of the database) inside the COMMIT that makes the log pass 1000
 //! pages, so every waiter of that batch would wait for it too. Here a checkpoint thread with
 //! its own connection does it instead, alongside the writer, when the log passes that size
-//! and a second after a record that no sync has covered yet.
+//! and a second after a record that no sync has covered yet. The log starts over only when a
+//! transaction begins with all of it copied, which a checkpoint running beside a busy writer
+//! never achieves (re-running it after every commit only costs two fsyncs each time). So
+//! once the thread has copied the bulk, the writer copies the few frames committed since
+//! between two of its transactions, and the next one starts the log over.
 
 mod db;
 mod error;
@@ -197,6 +201,9 @@ pub struct SpoolStats {
     /// Syncs of the log by the sync thread, each answering every waiter whose commit came
     /// before it.
     pub log_syncs: u64,
+    /// Times the log started over from its first frame, everything in it having been
+    /// copied into the database.
+    pub log_restarts: u64,
     /// A sync of the log failed: nothing is acknowledged any more until the spool is opened
     /// again (Linux reports a failed writeback only once).
     pub log_sync_failed: bool,

@@ -3,14 +3,15 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, ErrorCode};
 use tokio::sync::oneshot;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use crate::error::Context;
 use crate::segments::{BodyLocation, INLINE_LIMIT, Segments};
@@ -104,10 +105,11 @@ pub(crate) struct Counters {
     messages_stored: AtomicU64,
     checkpoints: AtomicU64,
     log_syncs: AtomicU64,
+    log_restarts: AtomicU64,
     /// A sync of the log failed. Linux reports a failed writeback once and then marks the
     /// pages clean, so a later sync succeeding proves nothing about the frames before it:
     /// from then on no operation is acknowledged, until the spool is opened again.
-    pub(crate) log_sync_failed: std::sync::atomic::AtomicBool,
+    pub(crate) log_sync_failed: AtomicBool,
 }
 
 impl Counters {
@@ -119,9 +121,21 @@ impl Counters {
             messages_stored: self.messages_stored.load(Ordering::Relaxed),
             checkpoints: self.checkpoints.load(Ordering::Relaxed),
             log_syncs: self.log_syncs.load(Ordering::Relaxed),
+            log_restarts: self.log_restarts.load(Ordering::Relaxed),
             log_sync_failed: self.log_sync_failed.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Each operation's result, in the batch's order.
+type Results = Vec<Result<(), SpoolError>>;
+
+/// A committed batch: its waiters are answered after a sync of the log (it stored mail), or
+/// at once.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    Synced,
+    Unsynced,
 }
 
 /// An error that ends the whole transaction, not just one operation.
@@ -177,12 +191,16 @@ impl Writer {
                 );
                 continue;
             }
-            let (results, sync) = self.apply_batch(&batch, bytes);
+            let (results, committed) = self.apply_batch(&batch, bytes);
             let replies: Replies =
                 batch.into_iter().map(|request| request.reply).zip(results).collect();
-            match sync {
-                true => self.syncer.sync_then_reply(replies),
-                false => reply(replies),
+            match committed {
+                Some(Commit::Synced) => self.syncer.sync_then_reply(replies),
+                Some(Commit::Unsynced) | None => reply(replies),
+            }
+            // After the hand-over, so that no waiter waits for a checkpoint.
+            if let Some(commit) = committed {
+                self.checkpointer.committed(commit == Commit::Synced, &self.connection);
             }
         }
         // Every acknowledgement goes out before the spool closes. The checkpointer's
@@ -201,19 +219,15 @@ impl Writer {
         closed
     }
 
-    /// Applies a batch in one transaction; returns each operation's result, and whether the
-    /// results may only be given once the log is synced (the batch stored mail).
-    fn apply_batch(
-        &mut self,
-        batch: &[Request],
-        bytes: usize,
-    ) -> (Vec<Result<(), SpoolError>>, bool) {
-        let (results, sync) = match self.transaction(batch) {
+    /// Applies a batch in one transaction; returns each operation's result, and the commit
+    /// made, if any.
+    fn apply_batch(&mut self, batch: &[Request], bytes: usize) -> (Results, Option<Commit>) {
+        let (results, committed) = match self.transaction(batch) {
             Ok(committed) => committed,
             Err(TransactionFailed(error)) => {
                 warn!(%error, operations = batch.len(), "spool transaction failed");
                 self.roll_back();
-                (vec![Err(error); batch.len()], false)
+                (vec![Err(error); batch.len()], None)
             }
         };
         let needed = bytes as u64 + SPACE_SLACK;
@@ -221,13 +235,13 @@ impl Writer {
             .into_iter()
             .map(|result| result.map_err(|error| refine(error, &self.dir, needed)))
             .collect();
-        (results, sync)
+        (results, committed)
     }
 
     fn transaction(
         &mut self,
         batch: &[Request],
-    ) -> Result<(Vec<Result<(), SpoolError>>, bool), TransactionFailed> {
+    ) -> Result<(Results, Option<Commit>), TransactionFailed> {
         if !self.connection.is_autocommit() {
             // A rollback after an earlier failure did not go through; retry it rather than
             // fail every later batch with "cannot start a transaction within a transaction".
@@ -278,13 +292,12 @@ impl Writer {
         if durable == 0 {
             // Nothing to make durable: skip the fsync.
             self.roll_back();
-            return Ok((results, false));
+            return Ok((results, None));
         }
         self.connection
             .execute_batch("COMMIT")
             .context(|| format!("committing {durable} spool operations"))
             .map_err(TransactionFailed)?;
-        self.checkpointer.committed(sync);
         self.counters.commits.fetch_add(1, Ordering::Relaxed);
         if sync {
             self.counters.synced_commits.fetch_add(1, Ordering::Relaxed);
@@ -293,7 +306,7 @@ impl Writer {
         self.delete_empty_segments(emptied);
         self.counters.operations.fetch_add(durable, Ordering::Relaxed);
         self.counters.messages_stored.fetch_add(stored, Ordering::Relaxed);
-        Ok((results, sync))
+        Ok((results, Some(if sync { Commit::Synced } else { Commit::Unsynced })))
     }
 
     /// Appends the batch's large bodies to the active segment and syncs it, before the rows
@@ -457,19 +470,49 @@ pub(crate) fn refine(error: SpoolError, dir: &Path, needed: u64) -> SpoolError {
 }
 
 /// The writer's side of the checkpointer thread.
+///
+/// The log can only start over (from its first frame, keeping its file small and its
+/// pages hot) when a transaction begins with every frame already copied. A checkpoint on
+/// another thread never gets there under load: by the time it has copied the log and synced
+/// the database, the writer has committed more, and checkpointing again only chases it, two
+/// fsyncs at a time. So the work is split: when the log passes [`CHECKPOINT_FRAMES`] the
+/// thread copies it (the bulk, and the slow sync of the database); once it has, the writer
+/// copies the few frames committed since, between two of its transactions, and the next
+/// transaction starts the log over.
 pub(crate) struct CheckpointerHandle {
-    nudges: Option<SyncSender<Nudge>>,
+    nudges: Option<SyncSender<()>>,
     thread: Option<JoinHandle<()>>,
     /// Log frames after the last commit, set by the writer connection's WAL hook.
-    frames: Arc<std::sync::atomic::AtomicI32>,
+    frames: Arc<AtomicI32>,
+    /// The log's frames at the commit before: fewer now means the log started over.
+    last_frames: i32,
+    shared: Arc<CheckpointRequests>,
+    phase: LogPhase,
+    counters: Arc<Counters>,
 }
 
-#[derive(Clone, Copy)]
-enum Nudge {
-    /// The log has grown past [`CHECKPOINT_FRAMES`].
-    LogLarge,
-    /// A commit was made without fsync.
-    Unsynced,
+/// What the writer asks of the checkpointer thread.
+#[derive(Default)]
+struct CheckpointRequests {
+    /// Checkpoints asked for, numbered from 1.
+    asked: AtomicU64,
+    /// The number of the last one asked for when the thread last began a checkpoint, set
+    /// when that checkpoint is over.
+    done: AtomicU64,
+    /// A commit was made without fsync; the thread syncs within [`LAZY_SYNC_DELAY`].
+    unsynced: AtomicBool,
+}
+
+/// Where the writer is in bringing the log back to its start.
+#[derive(Clone, Copy, Debug)]
+enum LogPhase {
+    /// The thread is asked to checkpoint when the log reaches `until` frames.
+    Growing { until: i32 },
+    /// The thread is checkpointing; `ticket` is done when [`CheckpointRequests::done`]
+    /// reaches it.
+    Copying { ticket: u64 },
+    /// Everything was copied: the next transaction should start the log over.
+    Restarting,
 }
 
 impl CheckpointerHandle {
@@ -483,7 +526,7 @@ impl CheckpointerHandle {
         writer: &mut Connection,
         counters: Arc<Counters>,
     ) -> Result<CheckpointerHandle, SpoolError> {
-        let frames = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let frames = Arc::new(AtomicI32::new(0));
         let hook_frames = frames.clone();
         writer
             .wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
@@ -491,26 +534,71 @@ impl CheckpointerHandle {
                 Ok(())
             }))
             .context(|| "installing the spool's log hook".into())?;
-        // One pending nudge is enough: the checkpoint it starts covers every commit before it.
+        // One pending nudge is enough: the thread reads what is asked of it from `shared`.
         let (nudges, receiver) = std::sync::mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name("spool-checkpoint".into())
-            .spawn(move || checkpoint_loop(&connection, &log, &receiver, &counters))
-            .context(|| "starting the spool checkpoint thread".into())?;
-        Ok(CheckpointerHandle { nudges: Some(nudges), thread: Some(thread), frames })
+        let shared = Arc::new(CheckpointRequests::default());
+        let thread = {
+            let (shared, counters) = (shared.clone(), counters.clone());
+            std::thread::Builder::new()
+                .name("spool-checkpoint".into())
+                .spawn(move || checkpoint_loop(&connection, &log, &receiver, &shared, &counters))
+                .context(|| "starting the spool checkpoint thread".into())?
+        };
+        Ok(CheckpointerHandle {
+            nudges: Some(nudges),
+            thread: Some(thread),
+            frames,
+            last_frames: 0,
+            shared,
+            phase: LogPhase::Growing { until: CHECKPOINT_FRAMES },
+            counters,
+        })
     }
 
-    /// Called after each commit.
-    fn committed(&self, synced: bool) {
-        let nudge = if self.frames.load(Ordering::Relaxed) >= CHECKPOINT_FRAMES {
-            Nudge::LogLarge
-        } else if !synced {
-            Nudge::Unsynced
-        } else {
-            return;
+    /// Called after each commit, with the writer's connection, outside any transaction.
+    fn committed(&mut self, synced: bool, connection: &Connection) {
+        if !synced {
+            self.shared.unsynced.store(true, Ordering::Relaxed);
+            self.nudge();
+        }
+        let frames = self.frames.load(Ordering::Relaxed);
+        if frames < self.last_frames {
+            self.counters.log_restarts.fetch_add(1, Ordering::Relaxed);
+            self.phase = LogPhase::Growing { until: CHECKPOINT_FRAMES };
+        }
+        self.last_frames = frames;
+        let later = LogPhase::Growing { until: frames.saturating_add(CHECKPOINT_FRAMES) };
+        self.phase = match self.phase {
+            LogPhase::Growing { until } if frames >= until => {
+                let ticket = self.shared.asked.fetch_add(1, Ordering::AcqRel) + 1;
+                self.nudge();
+                LogPhase::Copying { ticket }
+            }
+            LogPhase::Copying { ticket } if self.shared.done.load(Ordering::Acquire) >= ticket => {
+                // The frames committed while the thread copied; synchronous=NORMAL syncs the
+                // log before copying and the database after, as the thread's FULL does.
+                match connection.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
+                    Ok((log, copied)) => {
+                        self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                        // Short of everything, a reader's snapshot holds the rest: later.
+                        if copied == log { LogPhase::Restarting } else { later }
+                    }
+                    Err(error) => {
+                        debug!(%error, "spool checkpoint by the writer put off");
+                        later
+                    }
+                }
+            }
+            // Still here a commit after everything was copied: the log did not start over
+            // (a reader began on the old one in between).
+            LogPhase::Restarting => later,
+            phase => phase,
         };
+    }
+
+    fn nudge(&self) {
         if let Some(nudges) = &self.nudges {
-            match nudges.try_send(nudge) {
+            match nudges.try_send(()) {
                 Ok(()) | Err(TrySendError::Full(_)) => {}
                 Err(TrySendError::Disconnected(_)) => warn!("the spool checkpoint thread is gone"),
             }
@@ -529,55 +617,59 @@ impl CheckpointerHandle {
     }
 }
 
-/// Copies the log back into the database when it has grown, and syncs commits made without
-/// fsync within [`LAZY_SYNC_DELAY`]. A PASSIVE checkpoint never waits for the writer or the
-/// readers: it copies what it can, fsyncing the log first and the database after, and the
-/// writer starts the log over once everything in it has been copied.
+/// Copies the log back into the database when asked, and syncs commits made without fsync
+/// within [`LAZY_SYNC_DELAY`]. A PASSIVE checkpoint never waits for the writer or the
+/// readers: it copies what it can, fsyncing the log first and the database after.
 fn checkpoint_loop(
     connection: &Connection,
     log: &File,
-    nudges: &Receiver<Nudge>,
+    nudges: &Receiver<()>,
+    shared: &CheckpointRequests,
     counters: &Counters,
 ) {
     let mut unsynced_since: Option<Instant> = None;
     loop {
-        let nudge = match unsynced_since {
+        let woken = match unsynced_since {
             None => nudges.recv().map_err(|_| RecvTimeoutError::Disconnected),
             Some(since) => nudges
                 .recv_timeout((since + LAZY_SYNC_DELAY).saturating_duration_since(Instant::now())),
         };
-        match nudge {
-            Ok(Nudge::Unsynced) => {
-                unsynced_since.get_or_insert_with(Instant::now);
-                continue;
-            }
-            Ok(Nudge::LogLarge) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+        if let Err(RecvTimeoutError::Disconnected) = woken {
+            return;
+        }
+        if shared.unsynced.swap(false, Ordering::Relaxed) {
+            unsynced_since.get_or_insert_with(Instant::now);
+        }
+        let asked = shared.asked.load(Ordering::Acquire);
+        let sync_due = unsynced_since.is_some_and(|since| since.elapsed() >= LAZY_SYNC_DELAY);
+        if asked == shared.done.load(Ordering::Acquire) && !sync_due {
+            continue;
         }
         // A PASSIVE checkpoint syncs the log only when it has frames to copy, which readers'
         // snapshots can prevent: the records waiting for a sync get one here.
-        if unsynced_since.is_some() {
-            if let Err(error) = log.sync_data() {
-                counters.log_sync_failed.store(true, Ordering::Relaxed);
-                error!(%error, "spool log sync failed; no more mail is accepted until the server is restarted");
-            }
-            unsynced_since = None;
+        if unsynced_since.take().is_some()
+            && let Err(error) = log.sync_data()
+        {
+            counters.log_sync_failed.store(true, Ordering::Relaxed);
+            error!(%error, "spool log sync failed; no more mail is accepted until the server is restarted");
         }
-        match connection.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::PASSIVE) {
+        match connection.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
             Ok(_) => {
                 counters.checkpoints.fetch_add(1, Ordering::Relaxed);
             }
             Err(error) => {
                 // SQLITE_BUSY: another connection holds a lock a checkpoint needs for a
                 // moment (recovering the log when it opens, say); PASSIVE does not wait.
-                // Either way the next nudge tries again, and unsynced commits in a second.
+                // Either way the writer goes on, and unsynced commits get a sync in a second.
                 if error.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) {
-                    tracing::debug!(%error, "spool checkpoint put off");
+                    debug!(%error, "spool checkpoint put off");
                 } else {
                     warn!(%error, "spool checkpoint failed");
                 }
             }
         }
+        // Even when it failed: the writer then copies what is left itself.
+        shared.done.store(asked, Ordering::Release);
     }
 }
 
