@@ -125,6 +125,14 @@ class Server:
     def log(self):
         return "".join(self.log_lines)
 
+    def wait_for_log(self, text, count=1, timeout=5):
+        """The log once `text` is in it `count` times (or the timeout passed): the server's
+        log thread writes lines out in batches, up to about 10 ms after they are logged."""
+        deadline = time.time() + timeout
+        while self.log().count(text) < count and time.time() < deadline:
+            time.sleep(0.02)
+        return self.log()
+
     def rss_kib(self):
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):

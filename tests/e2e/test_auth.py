@@ -177,7 +177,7 @@ def test_brute_force_is_slowed_then_cut_off_while_others_are_served(auth_server)
     ) as other:
         other.ehlo("other.test")
         other.login("alice@localhost", PASSWORD)
-    assert "too many failed logins" in server.log()
+    assert "too many failed logins" in server.wait_for_log("too many failed logins")
 
 
 # Recipients that try to relay through a local domain, or are remote in disguise.

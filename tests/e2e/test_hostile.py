@@ -470,6 +470,8 @@ def raw_controls_in_header(message):
 
 
 def raw_controls_in_log(server):
+    # The server's log thread writes lines out up to about 10 ms after they are logged.
+    time.sleep(0.05)
     # split("\n"), not splitlines(): that would also split at some of the controls sought.
     return [line for line in server.log().split("\n") if RAW_CONTROL.search(line)]
 

@@ -102,7 +102,7 @@ def test_relays_to_the_best_mx_in_one_transaction_byte_exact(start_server, dns, 
     assert original_part(message.data) == body
     assert peers.by_host("127.0.0.3").messages == []
     server.wait_until_queue_empty()
-    log = server.log()
+    log = server.wait_for_log("result=\"delivered\"")
     assert "result=\"delivered\"" in log and "TLSv1.3" in log
 
 
@@ -166,7 +166,7 @@ def test_nxdomain_bounces_and_servfail_defers(start_server, dns, smtp_peers):
     send(server, ["bob@flaky.test"])
     time.sleep(2.5)
     assert server.queued() == 1, "a SERVFAIL must defer, not bounce"
-    assert "deferred" in server.log()
+    assert "deferred" in server.wait_for_log("deferred")
     dns.servfail("flaky.test", False)
     dns.add("flaky.test", "A", "127.0.0.2")
     peers[0].wait_for(1)
@@ -252,7 +252,7 @@ def test_tls_policies(start_server, dns, smtp_peers, tls_ca):
     assert plain[0].messages == [], "TLS required: no plaintext delivery"
     assert self_signed[0].messages == [], "verify: an untrusted certificate is refused"
     assert server.queued() == 1, "both are deferred, not bounced"
-    log = server.log()
+    log = server.wait_for_log("4.7.4")
     assert "4.7.4" in log
     # Opportunistic (the default) delivers to the plaintext peer.
     other = relay(start_server, dns, plain.port)
@@ -362,7 +362,7 @@ def test_a_bounce_that_cannot_be_delivered_makes_no_further_bounce(start_server,
     while time.time() < deadline and server.queued():
         time.sleep(0.1)
     assert server.queued() == 0
-    assert server.log().count("delivery status notification queued") == 1
+    assert server.wait_for_log("delivery status notification queued").count("delivery status notification queued") == 1
 
 
 def test_silent_server_times_out_and_the_next_host_is_used(start_server, dns, smtp_peers):
@@ -378,7 +378,7 @@ def test_silent_server_times_out_and_the_next_host_is_used(start_server, dns, sm
         send(server, ["bob@example.test"])
         peers[0].wait_for(1)
         assert accepted, "the silent host was tried first"
-        assert "no reply from mx1.example.test" in server.log()
+        assert "no reply from mx1.example.test" in server.wait_for_log("no reply from mx1.example.test")
     finally:
         silent.close()
 
@@ -444,7 +444,7 @@ def test_smart_host_with_auth_over_verified_tls(start_server, dns, tls_ca, tmp_p
     send(server, ["carol@remote.test"])
     time.sleep(2.5)
     assert server.queued() == 1
-    assert "4.7.8" in server.log()
+    assert "4.7.8" in server.wait_for_log("4.7.8")
     assert smarthost.messages("carol") == []
     secret.write_text("relay secret\n")
     smarthost.wait_for_messages("carol", 1, timeout=30)

@@ -244,7 +244,7 @@ def test_postilion_relays_to_postfix_found_by_mx_with_verified_starttls(start_se
     # One connection, one transaction, both recipients.
     assert len(re.findall(r"connect from unknown\[127\.0\.0\.1\]", log)) == 1
     server.wait_until_queue_empty()
-    relayed = server.log()
+    relayed = server.wait_for_log('result="delivered"', count=2)
     assert relayed.count('result="delivered"') == 2 and "TLSv1." in relayed
 
 

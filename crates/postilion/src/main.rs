@@ -5,6 +5,7 @@ mod config;
 mod conn;
 mod delivery;
 mod limits;
+mod log;
 mod notify;
 mod outbound;
 mod privileges;
@@ -72,12 +73,13 @@ enum Commands {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let log = log::LogSink::stderr();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("POSTILION_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log.clone())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
@@ -116,11 +118,15 @@ fn main() -> anyhow::Result<()> {
                     None => warn!("running as root; set `user` to drop privileges after binding"),
                 }
             }
-            tokio::runtime::Builder::new_multi_thread()
+            // After the privileges are dropped, like every other thread.
+            log.start().context("starting the log thread")?;
+            let served = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
-                .context("starting the async runtime")?
-                .block_on(serve(config, sockets))
+                .context("starting the async runtime")
+                .and_then(|runtime| runtime.block_on(serve(config, sockets)));
+            log.stop();
+            served
         }
     }
 }
