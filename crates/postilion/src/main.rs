@@ -214,8 +214,10 @@ async fn serve(config: Config, sockets: Vec<std::net::TcpListener>) -> anyhow::R
         spool: spool.clone(),
         delivery: delivery_queue,
         shutdown,
-        data_dir: std::fs::File::open(&data_dir)
-            .with_context(|| format!("opening {}", data_dir.display()))?,
+        free_space: server::FreeSpace::new(
+            std::fs::File::open(&data_dir)
+                .with_context(|| format!("opening {}", data_dir.display()))?,
+        ),
     });
     let serving = tokio::spawn(server::run(server, listeners));
     wait_for_signal().await;

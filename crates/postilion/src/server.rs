@@ -39,9 +39,58 @@ pub struct Server {
     pub authenticator: Option<crate::auth::Authenticator>,
     /// Becomes true when the server is shutting down.
     pub shutdown: watch::Receiver<bool>,
-    /// The data directory, open, for the free-space check: fstatvfs on it costs no path
-    /// lookup, and it runs twice per message.
-    pub data_dir: std::fs::File,
+    /// The free-space check of the data directory's file system.
+    pub free_space: FreeSpace,
+}
+
+/// How long a reading of the free space that allowed mail is used again.
+const FREE_SPACE_REUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Readings of the free space on the data directory's file system, for the check at MAIL and
+/// at the end of the data.
+///
+/// A reading (fstatvfs on the open directory, so no path lookup) is a system call, twice per
+/// message; at thousands of messages a second a reading that allowed mail is used again for
+/// [`FREE_SPACE_REUSE`]. One that refused mail is never reused, so mail is accepted again as
+/// soon as space is freed. A disk that fills up within the reuse time is caught by the
+/// spool's own write, which is answered with 452 as well.
+pub struct FreeSpace {
+    dir: std::fs::File,
+    /// The last reading that allowed mail: when it was taken, and the octets free.
+    last: Mutex<Option<(Instant, u64)>>,
+}
+
+impl FreeSpace {
+    pub fn new(dir: std::fs::File) -> FreeSpace {
+        FreeSpace { dir, last: Mutex::new(None) }
+    }
+
+    /// `Ok` if at least `needed` octets are free, else the octets free.
+    fn check(&self, needed: u64) -> Result<(), u64> {
+        self.check_with(needed, Instant::now(), || {
+            rustix::fs::fstatvfs(&self.dir)
+                .map(|stat| stat.f_bavail.saturating_mul(stat.f_frsize))
+                .unwrap_or(0)
+        })
+    }
+
+    fn check_with(&self, needed: u64, now: Instant, read: impl FnOnce() -> u64) -> Result<(), u64> {
+        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((at, free)) = *last
+            && now.saturating_duration_since(at) < FREE_SPACE_REUSE
+            && free >= needed
+        {
+            return Ok(());
+        }
+        let free = read();
+        if free >= needed {
+            *last = Some((now, free));
+            Ok(())
+        } else {
+            *last = None;
+            Err(free)
+        }
+    }
 }
 
 /// One bound listener and how its sessions behave.
@@ -125,10 +174,9 @@ impl Server {
     }
 
     fn check_storage(&self, needed: u64) -> Result<(), Reply> {
-        let free = rustix::fs::fstatvfs(&self.data_dir)
-            .map(|stat| stat.f_bavail.saturating_mul(stat.f_frsize))
-            .unwrap_or(0);
-        if free < self.config.spool.free_space_reserve.saturating_add(needed) {
+        if let Err(free) =
+            self.free_space.check(self.config.spool.free_space_reserve.saturating_add(needed))
+        {
             warn!(
                 free,
                 reserve = self.config.spool.free_space_reserve,
@@ -535,5 +583,53 @@ async fn accept_loop(
                 (Ok(()), None) => conn::refuse(stream, peer, "Too many connections").await,
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::time::Duration;
+
+    #[test]
+    fn a_reading_that_allowed_mail_is_used_again_briefly_one_that_refused_never() {
+        let space = FreeSpace::new(std::fs::File::open("/").unwrap());
+        let reads = Cell::new(0);
+        let reading = |free: u64| {
+            let reads = &reads;
+            move || {
+                reads.set(reads.get() + 1);
+                free
+            }
+        };
+        let start = Instant::now();
+        assert_eq!(space.check_with(100, start, reading(1000)), Ok(()));
+        assert_eq!(reads.get(), 1);
+        // Within the reuse time, for as much or less: no new reading.
+        assert_eq!(space.check_with(1000, start + Duration::from_millis(5), reading(0)), Ok(()));
+        assert_eq!(reads.get(), 1);
+        // More than that reading had: read again.
+        assert_eq!(
+            space.check_with(2000, start + Duration::from_millis(6), reading(1500)),
+            Err(1500)
+        );
+        assert_eq!(reads.get(), 2);
+        // A refusal is not reused: space freed since is seen at once.
+        assert_eq!(space.check_with(100, start + Duration::from_millis(7), reading(5000)), Ok(()));
+        assert_eq!(reads.get(), 3);
+        // After the reuse time, read again even for less.
+        assert_eq!(
+            space.check_with(100, start + Duration::from_millis(7) + FREE_SPACE_REUSE, reading(50)),
+            Err(50)
+        );
+        assert_eq!(reads.get(), 4);
+    }
+
+    #[test]
+    fn the_real_reading_sees_free_space() {
+        let space = FreeSpace::new(std::fs::File::open(std::env::temp_dir()).unwrap());
+        assert_eq!(space.check(1), Ok(()));
+        assert!(space.check(u64::MAX).is_err());
     }
 }
