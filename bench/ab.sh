@@ -42,18 +42,7 @@ run_once() { # label binary extra-toml; sets rate (msg/s)
   local label=$1 binary=$2 extra=$3
   local run
   run=$(mktemp -d "$work/$label.XXXXXX")
-  cat >"$run/postilion.toml" <<TOML
-data_dir = "$run/data"
-hostname = "mx.bench.test"
-[[listeners]]
-address = "127.0.0.1:0"
-tls = "none"
-[limits]
-connections_per_ip = 1000
-[local]
-domains = ["bench.test"]
-$extra
-TOML
+  bench_postilion_config "$run/postilion.toml" "$run/data" bench.test "" "$extra"
   "$binary" serve --config "$run/postilion.toml" >"$run/stdout" 2>"$run/log" &
   server_pid=$!
   for _ in $(seq 100); do grep -q "^data directory" "$run/stdout" 2>/dev/null && break; sleep 0.1; done

@@ -70,18 +70,7 @@ cpu_now() { python3 "$repo/bench/watch.py" cpu "$cg" "$harness" "$work"; }
 # that it runs unprivileged as Postfix's daemons do. Sets port and maildirs.
 start_postilion() { # run-dir
   local run=$1
-  cat >"$run/postilion.toml" <<TOML
-data_dir = "$run/data"
-hostname = "mx.$domain"
-user = "nobody"
-[[listeners]]
-address = "127.0.0.1:0"
-tls = "none"
-[limits]
-connections_per_ip = 1000
-[local]
-domains = ["$domain"]
-TOML
+  bench_postilion_config "$run/postilion.toml" "$run/data" "$domain" nobody
   ( echo "$BASHPID" >"$cg/cgroup.procs"; exec "$postilion" serve --config "$run/postilion.toml" ) \
     >"$run/stdout" 2>"$run/log" &
   server_pid=$!

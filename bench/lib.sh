@@ -62,6 +62,29 @@ bench_binaries() { # repo dir
   fi
 }
 
+# Writes a Postilion configuration as the side-by-side benchmarks run it: its defaults (durable
+# spool, Maildir delivery), a plaintext listener on a free loopback port, one local domain,
+# a per-address connection limit above any load's sessions; `user` to drop to when started as
+# root (empty: none); and extra TOML tables appended.
+bench_postilion_config() { # file data-dir domain user [extra-toml]
+  local file=$1 data=$2 domain=$3 user=$4 extra=${5:-}
+  {
+    echo "data_dir = \"$data\""
+    echo "hostname = \"mx.$domain\""
+    [ -z "$user" ] || echo "user = \"$user\""
+    cat <<TOML
+[[listeners]]
+address = "127.0.0.1:0"
+tls = "none"
+[limits]
+connections_per_ip = 1000
+[local]
+domains = ["$domain"]
+$extra
+TOML
+  } >"$file"
+}
+
 # Sets cgroup_root: CPU time is read from cgroups made for each run, which also count
 # processes that exit during the run (Postfix daemons come and go). cgroup v1 cpuacct, or v2.
 bench_cgroup_root() {
