@@ -29,6 +29,9 @@ const SPACE_SLACK: u64 = 1 << 20;
 /// Log frames (pages) after which the checkpointer copies the log back into the database:
 /// SQLite's own default for automatic checkpoints.
 const CHECKPOINT_FRAMES: i32 = 1000;
+/// The writer copies the frames the checkpoint thread left only when they are this few: more
+/// means the thread's checkpoint failed or was held back, and the bulk stays its work.
+const TAIL_FRAMES: i32 = CHECKPOINT_FRAMES / 4;
 /// A commit made without fsync (see [`Operation::needs_fsync`]) reaches the disk at the
 /// next fsync'ed commit or, when none comes, within this long: the checkpointer syncs.
 const LAZY_SYNC_DELAY: Duration = Duration::from_secs(1);
@@ -198,7 +201,8 @@ impl Writer {
                 Some(Commit::Synced) => self.syncer.sync_then_reply(replies),
                 Some(Commit::Unsynced) | None => reply(replies),
             }
-            // After the hand-over, so that no waiter waits for a checkpoint.
+            // After the hand-over, so that this batch's waiters do not wait for the writer's
+            // checkpoint (the next batch's requests do: two fsyncs, every 1000 frames or so).
             if let Some(commit) = committed {
                 self.checkpointer.committed(commit == Commit::Synced, &self.connection);
             }
@@ -499,6 +503,8 @@ struct CheckpointRequests {
     /// The number of the last one asked for when the thread last began a checkpoint, set
     /// when that checkpoint is over.
     done: AtomicU64,
+    /// Frames of the log copied into the database, as the thread's last checkpoint left it.
+    copied: AtomicI32,
     /// A commit was made without fsync; the thread syncs within [`LAZY_SYNC_DELAY`].
     unsynced: AtomicBool,
 }
@@ -558,7 +564,7 @@ impl CheckpointerHandle {
     /// Called after each commit, with the writer's connection, outside any transaction.
     fn committed(&mut self, synced: bool, connection: &Connection) {
         if !synced {
-            self.shared.unsynced.store(true, Ordering::Relaxed);
+            self.shared.unsynced.store(true, Ordering::Release);
             self.nudge();
         }
         let frames = self.frames.load(Ordering::Relaxed);
@@ -575,25 +581,44 @@ impl CheckpointerHandle {
                 LogPhase::Copying { ticket }
             }
             LogPhase::Copying { ticket } if self.shared.done.load(Ordering::Acquire) >= ticket => {
-                // The frames committed while the thread copied; synchronous=NORMAL syncs the
-                // log before copying and the database after, as the thread's FULL does.
-                match connection.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
-                    Ok((log, copied)) => {
-                        self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
-                        // Short of everything, a reader's snapshot holds the rest: later.
-                        if copied == log { LogPhase::Restarting } else { later }
-                    }
-                    Err(error) => {
-                        debug!(%error, "spool checkpoint by the writer put off");
-                        later
-                    }
+                let left = frames.saturating_sub(self.shared.copied.load(Ordering::Acquire));
+                if left > TAIL_FRAMES {
+                    // The thread's checkpoint failed or a reader held it back: the bulk is
+                    // still to copy, and the thread's to copy, a little later.
+                    LogPhase::Growing { until: frames.saturating_add(TAIL_FRAMES) }
+                } else {
+                    self.copy_tail(connection, later)
                 }
             }
-            // Still here a commit after everything was copied: the log did not start over
-            // (a reader began on the old one in between).
+            // Still here a commit after everything was copied: the log did not start over (a
+            // reader still held a snapshot taken before the copying ended).
             LogPhase::Restarting => later,
             phase => phase,
         };
+    }
+
+    /// The writer's checkpoint of the frames committed while the thread copied the rest;
+    /// returns the phase after it (`later` unless everything was copied).
+    fn copy_tail(&self, connection: &Connection, later: LogPhase) -> LogPhase {
+        // synchronous=NORMAL syncs the log before copying and the database after, as
+        // the thread's FULL does.
+        match connection.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
+            Ok((log, copied)) => {
+                self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                // Short of everything, a reader's snapshot holds the rest: later.
+                if copied == log { LogPhase::Restarting } else { later }
+            }
+            Err(error) => {
+                // BUSY: a lock another connection holds for a moment; PASSIVE does
+                // not wait. Anything else is worth seeing.
+                if error.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) {
+                    debug!(%error, "spool checkpoint by the writer put off");
+                } else {
+                    warn!(%error, "spool checkpoint by the writer failed");
+                }
+                later
+            }
+        }
     }
 
     fn nudge(&self) {
@@ -637,7 +662,7 @@ fn checkpoint_loop(
         if let Err(RecvTimeoutError::Disconnected) = woken {
             return;
         }
-        if shared.unsynced.swap(false, Ordering::Relaxed) {
+        if shared.unsynced.swap(false, Ordering::AcqRel) {
             unsynced_since.get_or_insert_with(Instant::now);
         }
         let asked = shared.asked.load(Ordering::Acquire);
@@ -654,10 +679,13 @@ fn checkpoint_loop(
             error!(%error, "spool log sync failed; no more mail is accepted until the server is restarted");
         }
         match connection.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
-            Ok(_) => {
+            Ok((_, copied)) => {
                 counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                shared.copied.store(copied, Ordering::Release);
             }
             Err(error) => {
+                // Nothing known copied: the writer leaves the bulk to a later checkpoint.
+                shared.copied.store(0, Ordering::Release);
                 // SQLITE_BUSY: another connection holds a lock a checkpoint needs for a
                 // moment (recovering the log when it opens, say); PASSIVE does not wait.
                 // Either way the writer goes on, and unsynced commits get a sync in a second.
@@ -668,7 +696,7 @@ fn checkpoint_loop(
                 }
             }
         }
-        // Even when it failed: the writer then copies what is left itself.
+        // Even when it failed: the writer then sees how much is left (`copied`).
         shared.done.store(asked, Ordering::Release);
     }
 }
