@@ -79,19 +79,19 @@ impl<W: Write + Send + 'static> LogSink<W> {
         }
     }
 
-    /// Starts the log thread; from now on lines are buffered. Call it only once the process
-    /// runs with the privileges it keeps.
-    pub fn start(&self) -> io::Result<()> {
+    /// Starts the log thread; from now on lines are buffered, until the returned guard is
+    /// dropped (also when unwinding from a panic), which writes them all out and stops the
+    /// thread. Call it only once the process runs with the privileges it keeps.
+    pub fn start(&self) -> io::Result<LogThread<W>> {
         let mut thread = lock(&self.shared.thread);
-        if thread.is_some() {
-            return Ok(());
+        if thread.is_none() {
+            let shared = self.shared.clone();
+            *thread = Some(std::thread::Builder::new().name("log".into()).spawn(move || {
+                shared.write_out();
+            })?);
+            lock(&self.shared.state).threaded = true;
         }
-        let shared = self.shared.clone();
-        *thread = Some(std::thread::Builder::new().name("log".into()).spawn(move || {
-            shared.write_out();
-        })?);
-        lock(&self.shared.state).threaded = true;
-        Ok(())
+        Ok(LogThread { sink: self.clone() })
     }
 
     /// Writes out every line logged so far and stops the thread; later lines are written
@@ -109,9 +109,12 @@ impl<W: Write + Send + 'static> LogSink<W> {
         state.stopping = false;
         // Loggers that waited for room while the thread wrote its last lines.
         let left = std::mem::take(&mut state.buffer);
+        // The output is taken before the state is let go, so that no line logged directly
+        // from now on can overtake the ones left in the buffer.
+        let mut output = lock(&self.shared.output);
         self.shared.room.notify_all();
         drop(state);
-        let _ = lock(&self.shared.output).write_all(&left);
+        let _ = output.write_all(&left);
     }
 
     fn log(&self, line: &[u8]) -> io::Result<()> {
@@ -181,6 +184,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The running log thread; dropping it stops the thread after it has written everything.
+pub struct LogThread<W: Write + Send + 'static> {
+    sink: LogSink<W>,
+}
+
+impl<W: Write + Send + 'static> Drop for LogThread<W> {
+    fn drop(&mut self) {
+        self.sink.stop();
+    }
+}
+
 /// One event's writer: tracing's formatter writes each line whole, with one `write_all`.
 pub struct LogLine<W: Write + Send + 'static> {
     sink: LogSink<W>,
@@ -248,9 +262,9 @@ mod tests {
         let sink = LogSink::new(output.clone());
         log(&sink, "one\n");
         assert_eq!(output.text(), "one\n", "written at once");
-        sink.start().unwrap();
+        let thread = sink.start().unwrap();
         log(&sink, "two\n");
-        sink.stop();
+        drop(thread);
         assert_eq!(output.text(), "one\ntwo\n", "stop writes out what is buffered");
         log(&sink, "three\n");
         assert_eq!(output.text(), "one\ntwo\nthree\n");
@@ -260,7 +274,7 @@ mod tests {
     fn lines_from_many_threads_arrive_whole_and_in_each_threads_order() {
         let output = Calls::default();
         let sink = LogSink::new(output.clone());
-        sink.start().unwrap();
+        let thread = sink.start().unwrap();
         let threads: Vec<_> = (0..8)
             .map(|t| {
                 let sink = sink.clone();
@@ -274,7 +288,7 @@ mod tests {
         for thread in threads {
             thread.join().unwrap();
         }
-        sink.stop();
+        drop(thread);
         let text = output.text();
         let mut next = [0usize; 8];
         for line in text.lines() {
@@ -310,7 +324,7 @@ mod tests {
         let calls = Calls::default();
         let sink =
             LogSink::new(Stalled { release: Arc::new(Mutex::new(released)), calls: calls.clone() });
-        sink.start().unwrap();
+        let thread = sink.start().unwrap();
         let line = "y".repeat(1023) + "\n";
         let lines = 3 * BUFFER_LIMIT / line.len();
         let (progress, logged) = mpsc::channel();
@@ -334,7 +348,7 @@ mod tests {
         // Let the destination go: everything arrives.
         drop(release);
         logger.join().unwrap();
-        sink.stop();
+        drop(thread);
         assert_eq!(calls.text().len(), lines * line.len());
     }
 }

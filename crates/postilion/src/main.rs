@@ -118,15 +118,14 @@ fn main() -> anyhow::Result<()> {
                     None => warn!("running as root; set `user` to drop privileges after binding"),
                 }
             }
-            // After the privileges are dropped, like every other thread.
-            log.start().context("starting the log thread")?;
-            let served = tokio::runtime::Builder::new_multi_thread()
+            // After the privileges are dropped, like every other thread. Dropped last, so the
+            // runtime's threads are gone before the remaining lines are written out.
+            let _log_thread = log.start().context("starting the log thread")?;
+            tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
-                .context("starting the async runtime")
-                .and_then(|runtime| runtime.block_on(serve(config, sockets)));
-            log.stop();
-            served
+                .context("starting the async runtime")?
+                .block_on(serve(config, sockets))
         }
     }
 }
