@@ -10,8 +10,9 @@
 #
 # Settings (environment):
 #   AB_LOAD="1024:50:20000"   size:sessions:messages
-#   AB_CONFIG_A=, AB_CONFIG_B= extra TOML appended to A's or B's configuration (to compare
-#                             settings with one binary, pass it as both A and B)
+#   AB_CONFIG_A=, AB_CONFIG_B= extra TOML tables appended to A's or B's configuration, each
+#                             starting with a [table] header (to compare settings with one
+#                             binary, pass it as both A and B)
 #   AB_KEEP=0                 1: keep the work directory
 #   LOADGEN_BIN               use this loadgen instead of building target/release
 set -euo pipefail
@@ -30,11 +31,13 @@ if [ -z "$loadgen" ]; then
 fi
 # Runs are kept until the end: deleting thousands of Maildir files makes creating files
 # slower for a minute on a journal-less ext4 (bench/README.md), which would slow the next run.
+mkdir -p "$repo/target"
 work=$(mktemp -d "$repo/target/bench-ab.XXXXXX")
-server_pid=
+server_pid= finished=
 cleanup() {
   if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
-  if [ "$keep" = 1 ]; then echo "work directory kept: $work" >&2; else rm -rf "$work"; fi
+  # After a failure the logs are worth keeping.
+  if [ "$keep" = 1 ] || [ -z "$finished" ]; then echo "work directory kept: $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -52,9 +55,11 @@ run_once() { # label binary extra-toml; sets rate (msg/s)
   sleep 0.5 # let start-up work settle
   "$loadgen" --server "127.0.0.1:$port" --sessions "$sessions" --messages "$messages" --size "$size" \
     --pipelining --to user@bench.test >"$run/loadgen.out" 2>&1 || { cat "$run/loadgen.out" >&2; bench_die "loadgen failed"; }
-  kill -TERM "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=
+  kill -TERM "$server_pid" 2>/dev/null || bench_die "$label: the server died during the run (log: $run/log)"
+  wait "$server_pid" 2>/dev/null || true; server_pid=
   grep -q "^errors: *0$" "$run/loadgen.out" || { cat "$run/loadgen.out" >&2; bench_die "$label: loadgen saw errors"; }
   rate=$(sed -n 's/^throughput: *\([0-9.]*\).*/\1/p' "$run/loadgen.out")
+  [ -n "$rate" ] || bench_die "$label: no throughput in $run/loadgen.out"
 }
 
 echo "A: $binary_a${AB_CONFIG_A:+ + AB_CONFIG_A}"
@@ -80,3 +85,4 @@ print(f"median: A {statistics.median(a for a, _ in rows):.0f} msg/s, B {statisti
       f"B/A median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
       f"B faster in {sum(r > 1 for r in ratios)} of {len(ratios)} pairs")
 PY
+finished=1

@@ -65,7 +65,8 @@ bench_binaries() { # repo dir
 # Writes a Postilion configuration as the side-by-side benchmarks run it: its defaults (durable
 # spool, Maildir delivery), a plaintext listener on a free loopback port, one local domain,
 # a per-address connection limit above any load's sessions; `user` to drop to when started as
-# root (empty: none); and extra TOML tables appended.
+# root (empty: none); and extra TOML appended, which must start with a [table] header (it
+# follows [local]). Paths with a quote or a backslash are not escaped.
 bench_postilion_config() { # file data-dir domain user [extra-toml]
   local file=$1 data=$2 domain=$3 user=$4 extra=${5:-}
   {
