@@ -25,8 +25,11 @@ pub use data_decoder::data_decoder;
 pub use sasl_exchange::sasl;
 pub use server_session::server_session;
 
-/// Every target by its name under `fuzz/fuzz_targets/` and `fuzz/corpus/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A target's name under `fuzz/fuzz_targets/` and `fuzz/corpus/`, and the target.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target.
+pub const TARGETS: &[Target] = &[
     ("command_line", command_line),
     ("address", address),
     ("data_decoder", data_decoder),

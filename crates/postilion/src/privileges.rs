@@ -22,10 +22,10 @@ pub struct Account {
 /// Finds `user`: a name in /etc/passwd, or `uid:gid` in numbers (for systems whose users
 /// come from elsewhere).
 pub fn lookup(user: &str) -> anyhow::Result<Account> {
-    if let Some((uid, gid)) = user.split_once(':') {
-        if let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse()) {
-            return Ok(Account { uid, gid });
-        }
+    if let Some((uid, gid)) = user.split_once(':')
+        && let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse())
+    {
+        return Ok(Account { uid, gid });
     }
     let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
     find_in_passwd(&passwd, user)

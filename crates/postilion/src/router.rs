@@ -84,10 +84,10 @@ impl Router {
             aliases.insert(name.to_lowercase(), resolved);
         }
         let router = Router { domains, mailboxes, catch_all, delimiter, aliases };
-        if let Some(catch_all) = &router.catch_all {
-            if !router.is_mailbox(catch_all) {
-                bail!("catch_all {catch_all:?} is not a mailbox");
-            }
+        if let Some(catch_all) = &router.catch_all
+            && !router.is_mailbox(catch_all)
+        {
+            bail!("catch_all {catch_all:?} is not a mailbox");
         }
         // Every alias must end in mailboxes within the depth limit.
         for name in config.aliases.keys() {

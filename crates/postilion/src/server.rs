@@ -164,11 +164,11 @@ impl Server {
             Lookup::NotLocal if may_relay && routable(rcpt) => Ok(()),
             Lookup::NotLocal => Err(reply::RELAY_DENIED),
         };
-        if let (Ok(()), Some(account)) = (&verdict, account) {
-            if let Err(why) = self.abuse.recipient(&account.name, Instant::now()) {
-                warn!(user = %account.name, why, "recipient refused");
-                return Err(reply::RATE_LIMITED);
-            }
+        if let (Ok(()), Some(account)) = (&verdict, account)
+            && let Err(why) = self.abuse.recipient(&account.name, Instant::now())
+        {
+            warn!(user = %account.name, why, "recipient refused");
+            return Err(reply::RATE_LIMITED);
         }
         verdict
     }
@@ -322,18 +322,18 @@ impl Server {
             // keyword is removed. If the original NOTIFY parameter for the alias contained
             // the SUCCESS keyword, an "expanded" DSN is issued for the alias."
             let mut notify = rcpt.notify;
-            if addresses.len() > 1 {
-                if let Some(asked) = notify.as_mut().filter(|n| n.success) {
-                    asked.success = false;
-                    let mut report = RecipientReport::new(
-                        original.clone(),
-                        Action::Expanded,
-                        EnhancedStatus(2, 0, 0),
-                    );
-                    report.original_recipient = rcpt.orcpt.clone();
-                    report.last_attempt = Some(SystemTime::now());
-                    expanded.push(report);
-                }
+            if addresses.len() > 1
+                && let Some(asked) = notify.as_mut().filter(|n| n.success)
+            {
+                asked.success = false;
+                let mut report = RecipientReport::new(
+                    original.clone(),
+                    Action::Expanded,
+                    EnhancedStatus(2, 0, 0),
+                );
+                report.original_recipient = rcpt.orcpt.clone();
+                report.last_attempt = Some(SystemTime::now());
+                expanded.push(report);
             }
             for address in addresses {
                 // Our mailboxes ignore case; a remote local part's case is the remote

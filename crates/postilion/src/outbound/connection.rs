@@ -279,6 +279,6 @@ impl Connection {
         // Peeking leaves any TLS record in place. A zero timeout still polls once: data or
         // end of stream is seen at once, a quiet connection times out.
         let mut probe = [0u8; 1];
-        !matches!(tokio::time::timeout(Duration::ZERO, tcp.peek(&mut probe)).await, Err(_))
+        tokio::time::timeout(Duration::ZERO, tcp.peek(&mut probe)).await.is_ok()
     }
 }

@@ -192,11 +192,12 @@ impl Outbound {
         });
         // Final only if every host said so: one that could not be reached may take the
         // message on the next try.
-        if let Attempt::Failed { permanent, status, .. } = &mut failure {
-            if *permanent && any_temporary {
-                *permanent = false;
-                *status = EnhancedStatus(4, status.1, status.2);
-            }
+        if let Attempt::Failed { permanent, status, .. } = &mut failure
+            && *permanent
+            && any_temporary
+        {
+            *permanent = false;
+            *status = EnhancedStatus(4, status.1, status.2);
         }
         recipients.iter().map(|(i, _)| (*i, failure.clone())).collect()
     }
@@ -343,11 +344,11 @@ impl Outbound {
         if connection.reused && replies == 0 && outcome.connection == AfterTransaction::Closing {
             return (Tried::Stale, AfterTransaction::Closing);
         }
-        if let Some(error) = &outcome.mail_failure {
-            if !error.is_permanent() {
-                warn!(queue_id = %id, host = %host, address = %connection.address, tls, error = %error, "sender refused for now; trying another host");
-                return (Tried::NextHost(failure_attempt(error, &host)), outcome.connection);
-            }
+        if let Some(error) = &outcome.mail_failure
+            && !error.is_permanent()
+        {
+            warn!(queue_id = %id, host = %host, address = %connection.address, tls, error = %error, "sender refused for now; trying another host");
+            return (Tried::NextHost(failure_attempt(error, &host)), outcome.connection);
         }
         let results = recipients
             .iter()
