@@ -364,7 +364,7 @@ impl Writer {
     /// Deletes the segments among `candidates` that no body is in any more and that are not
     /// being appended to. The removals that emptied them must be durable first: a power
     /// failure that brought the rows back without their data would lose mail. So the log is
-    /// synced here, once per segment deleted, rather than left to the sync thread.
+    /// synced here, once before the deletions, rather than left to the sync thread.
     fn delete_empty_segments(&mut self, mut candidates: Vec<u64>) {
         candidates.sort_unstable();
         candidates.dedup();
@@ -382,9 +382,8 @@ impl Writer {
         if empty.is_empty() {
             return;
         }
-        if let Err(error) = self.log.sync_data() {
+        if sync_log(&self.log, &self.counters).is_err() {
             // Kept, and deleted at the next start-up when no row points into it.
-            warn!(%error, "cannot sync the spool log; empty segments kept for now");
             return;
         }
         for segment in empty {
@@ -672,11 +671,8 @@ fn checkpoint_loop(
         }
         // A PASSIVE checkpoint syncs the log only when it has frames to copy, which readers'
         // snapshots can prevent: the records waiting for a sync get one here.
-        if unsynced_since.take().is_some()
-            && let Err(error) = log.sync_data()
-        {
-            counters.log_sync_failed.store(true, Ordering::Relaxed);
-            error!(%error, "spool log sync failed; no more mail is accepted until the server is restarted");
+        if unsynced_since.take().is_some() {
+            let _ = sync_log(log, counters);
         }
         match connection.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
             Ok((_, copied)) => {
@@ -714,8 +710,8 @@ fn reply(replies: Replies) {
 
 /// The sync thread: makes committed transactions durable and only then answers their waiters.
 ///
-/// The writer's connection commits without syncing (`synchronous=OFF`): COMMIT writes the
-/// transaction's frames to the log and returns. The writer then hands the batch's replies to
+/// The writer's connection commits without syncing the log (`synchronous=NORMAL`): COMMIT
+/// writes the transaction's frames to the log and returns. The writer then hands the batch's replies to
 /// this thread and goes on with the next batch while the disk flushes. This thread takes every
 /// batch handed over so far, syncs the log (`fdatasync`) once, and answers them all: a sync
 /// that starts after a commit's frames were written makes them durable, with every earlier
@@ -743,19 +739,14 @@ impl Syncer {
                         reply_failed(replies, log_sync_failed());
                         continue;
                     }
-                    match log.sync_data() {
+                    match sync_log(&log, &counters) {
                         Ok(()) => {
                             counters.log_syncs.fetch_add(1, Ordering::Relaxed);
                             reply(replies)
                         }
-                        Err(error) => {
-                            // Committed but perhaps not durable: the clients are told to try
-                            // again, and a retry may make a duplicate, never a loss.
-                            counters.log_sync_failed.store(true, Ordering::Relaxed);
-                            let error = SpoolError::io("syncing the spool log".into(), error);
-                            error!(%error, waiting = replies.len(), "spool sync failed; no more mail is accepted until the server is restarted");
-                            reply_failed(replies, error);
-                        }
+                        // Committed but perhaps not durable: the clients are told to try
+                        // again, and a retry may make a duplicate, never a loss.
+                        Err(error) => reply_failed(replies, error),
                     }
                 }
             })
@@ -794,6 +785,18 @@ fn reply_failed(replies: Replies, error: SpoolError) {
             .map(|(waiter, result)| (waiter, result.and(Err(error.clone()))))
             .collect(),
     );
+}
+
+/// Syncs the log. The sync thread, the checkpoint thread and the writer each sync it, through
+/// handles of one open file, and Linux reports a failed writeback to only one of them: so
+/// whichever sees the failure stops all acknowledgements (see [`Counters::log_sync_failed`]).
+fn sync_log(log: &File, counters: &Counters) -> Result<(), SpoolError> {
+    log.sync_data().map_err(|error| {
+        counters.log_sync_failed.store(true, Ordering::Relaxed);
+        let error = SpoolError::io("syncing the spool log".into(), error);
+        error!(%error, "spool log sync failed; no more mail is accepted until the server is restarted");
+        error
+    })
 }
 
 fn log_sync_failed() -> SpoolError {
