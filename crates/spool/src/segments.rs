@@ -19,13 +19,14 @@
 //! points into are deleted.
 
 use std::collections::HashSet;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::SpoolError;
 use crate::error::Context;
+use crate::sqlite::{create_private_dir, sync_dir};
 
 /// Bodies up to this size stay in SQLite.
 pub(crate) const INLINE_LIMIT: usize = 16 << 10;
@@ -101,11 +102,7 @@ impl Segments {
         referenced: &HashSet<u64>,
     ) -> Result<Segments, SpoolError> {
         let dir = spool_dir.join(DIR);
-        match DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => sync_dir(spool_dir)?,
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(error) => return Err(SpoolError::io(format!("creating {}", dir.display()), error)),
-        }
+        create_private_dir(&dir)?;
         let mut highest = referenced.iter().copied().max().unwrap_or(0);
         let entries = fs::read_dir(&dir).context(|| format!("listing {}", dir.display()))?;
         for entry in entries {
@@ -226,10 +223,4 @@ fn remove(path: &Path) -> Result<(), SpoolError> {
         }
         _ => Ok(()),
     }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .context(|| format!("syncing the directory {}", dir.display()))
 }

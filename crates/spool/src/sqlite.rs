@@ -302,7 +302,7 @@ fn open_reader(path: &Path) -> Result<Connection, SpoolError> {
 
 /// Creates `dir` (and missing parents) with mode 0700 and tightens an existing one: queued
 /// mail is private.
-fn create_private_dir(dir: &Path) -> Result<(), SpoolError> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), SpoolError> {
     let missing: Vec<&Path> = dir.ancestors().take_while(|ancestor| !ancestor.exists()).collect();
     DirBuilder::new()
         .recursive(true)
@@ -359,7 +359,7 @@ fn lock(path: &Path) -> Result<File, SpoolError> {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|dir| dir.sync_all())
         .context(|| format!("syncing the directory {}", dir.display()))
