@@ -49,6 +49,7 @@ const PRELOAD_BUDGET: usize = 16 << 20;
 
 /// The content of a message just accepted, kept for its first delivery attempt: reading it
 /// back from the spool costs a hand-off to a blocking thread and a database read per message.
+/// It is the copy the spool stored, shared, not another.
 pub struct Preloaded {
     content: Arc<Vec<u8>>,
     held: Arc<AtomicUsize>,
@@ -104,14 +105,15 @@ pub struct DeliveryQueue {
 }
 
 impl DeliveryQueue {
-    /// A copy of `content` for the message's first delivery attempt, if the budget allows.
-    pub fn preload(&self, content: &[u8]) -> Option<Preloaded> {
+    /// The content, shared, kept for the message's first delivery attempt if the budget
+    /// allows.
+    pub fn preload(&self, content: &Arc<Vec<u8>>) -> Option<Preloaded> {
         let held = self.preloaded.fetch_add(content.len(), Ordering::Relaxed);
         if held + content.len() > PRELOAD_BUDGET {
             self.preloaded.fetch_sub(content.len(), Ordering::Relaxed);
             return None;
         }
-        Some(Preloaded { content: Arc::new(content.to_vec()), held: self.preloaded.clone() })
+        Some(Preloaded { content: content.clone(), held: self.preloaded.clone() })
     }
 
     /// Queues a freshly stored message for delivery.
@@ -644,14 +646,15 @@ mod tests {
             jobs: mpsc::unbounded_channel().0,
             preloaded: Arc::new(AtomicUsize::new(0)),
         };
-        let half = vec![b'x'; PRELOAD_BUDGET / 2];
+        let half = Arc::new(vec![b'x'; PRELOAD_BUDGET / 2]);
         let first = queue.preload(&half).expect("room for the first half");
-        assert_eq!(*first.content, half);
+        assert!(Arc::ptr_eq(&first.content, &half), "shared, not copied");
         let second = queue.preload(&half).expect("room for the second half");
-        assert!(queue.preload(b"one more octet").is_none(), "over the budget");
+        let octet = Arc::new(b"one more octet".to_vec());
+        assert!(queue.preload(&octet).is_none(), "over the budget");
         assert_eq!(queue.preloaded.load(Ordering::Relaxed), PRELOAD_BUDGET);
         drop(first);
-        assert!(queue.preload(b"room again").is_some());
+        assert!(queue.preload(&octet).is_some());
         drop(second);
         assert_eq!(queue.preloaded.load(Ordering::Relaxed), 0);
     }

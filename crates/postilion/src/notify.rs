@@ -3,6 +3,7 @@
 //! reverse-path so that a notice that cannot be delivered never produces another one.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use dsn::{Action, Diagnostic, Kind, OriginalEnvelope, ReceivedFrom, RecipientReport, Report};
@@ -178,17 +179,18 @@ impl Notifier {
                 id: notice_id,
                 envelope: notice_envelope,
                 recipients: vec![recipient],
-                content: notification.message,
+                content: Arc::new(notification.message),
             });
         }
         notices
     }
 
-    /// Hands stored notices to delivery.
+    /// Hands stored notices to delivery, each with its content for the first attempt.
     pub fn submit(&self, id: QueueId, to: &str, notices: Vec<NewMessage>, queue: &DeliveryQueue) {
         for notice in notices {
             info!(queue_id = %id, notice = %notice.id, to = ?to, "delivery status notification queued");
-            queue.submit(notice.id, notice.envelope, notice.recipients, None);
+            let preloaded = queue.preload(&notice.content);
+            queue.submit(notice.id, notice.envelope, notice.recipients, preloaded);
         }
     }
 }

@@ -240,6 +240,7 @@ impl Server {
         content.extend_from_slice(header.as_bytes());
         content.extend_from_slice(fixups.as_bytes());
         content.extend_from_slice(&transaction.content);
+        let content = Arc::new(content);
         let size = content.len();
         let envelope = Envelope {
             sender: match &transaction.mail.path {

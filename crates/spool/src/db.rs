@@ -172,7 +172,7 @@ pub(crate) fn store(
     match body {
         None => connection
             .prepare_cached("INSERT INTO content (id, data) VALUES (?1, ?2)")
-            .and_then(|mut insert| insert.execute(params![id, message.content])),
+            .and_then(|mut insert| insert.execute(params![id, message.content.as_slice()])),
         Some(at) => connection
             .prepare_cached(
                 "INSERT INTO body (id, segment, offset, length) VALUES (?1, ?2, ?3, ?4)",

@@ -89,6 +89,7 @@ mod writer;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 pub use error::SpoolError;
@@ -168,8 +169,9 @@ pub struct NewMessage {
     pub id: QueueId,
     pub envelope: Envelope,
     pub recipients: Vec<Recipient>,
-    /// The message as it will be delivered (with our Received field), byte for byte.
-    pub content: Vec<u8>,
+    /// The message as it will be delivered (with our Received field), byte for byte. Shared,
+    /// so that a caller can keep it (for the first delivery attempt) without a copy.
+    pub content: Arc<Vec<u8>>,
 }
 
 /// A stored message without its content; see [`QueueStore::load_content`].

@@ -60,7 +60,11 @@ fn child_stores_until_killed() {
                     while Instant::now() < deadline {
                         count += 1;
                         let id = QueueId::generate();
-                        let message = NewMessage { id, content: content(id), ..message(b"") };
+                        let message = NewMessage {
+                            id,
+                            content: std::sync::Arc::new(content(id)),
+                            ..message(b"")
+                        };
                         spool.store(message).await.unwrap();
                         report(format!("ack stored {id}"));
                         if count.is_multiple_of(3) {

@@ -81,7 +81,7 @@ fn a_full_disk_refuses_new_mail_and_keeps_the_old() {
         let listed = spool.list().await.unwrap();
         assert_eq!(listed, stored.iter().map(queued).collect::<Vec<_>>());
         for message in &stored {
-            assert_eq!(spool.load_content(message.id).await.unwrap(), message.content);
+            assert_eq!(spool.load_content(message.id).await.unwrap(), *message.content);
         }
 
         // The store works again once there is room.
@@ -96,7 +96,7 @@ fn a_full_disk_refuses_new_mail_and_keeps_the_old() {
     rt.block_on(async {
         assert_eq!(spool.list().await.unwrap(), stored.iter().map(queued).collect::<Vec<_>>());
         for message in &stored {
-            assert_eq!(spool.load_content(message.id).await.unwrap(), message.content);
+            assert_eq!(spool.load_content(message.id).await.unwrap(), *message.content);
         }
     });
     spool.close().unwrap();

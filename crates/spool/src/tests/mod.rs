@@ -43,7 +43,7 @@ pub(crate) fn message(content: &[u8]) -> NewMessage {
         id: QueueId::generate(),
         envelope: envelope(),
         recipients: vec![recipient("a@example.com"), recipient("b@example.com")],
-        content: content.to_vec(),
+        content: Arc::new(content.to_vec()),
     }
 }
 
@@ -132,7 +132,7 @@ fn store_list_load_round_trip() {
         let listed = spool.list().await.unwrap();
         assert_eq!(listed, vec![queued(&first), queued(&second), queued(&third)]);
         for message in [&first, &second, &third] {
-            assert_eq!(spool.load_content(message.id).await.unwrap(), message.content);
+            assert_eq!(spool.load_content(message.id).await.unwrap(), *message.content);
         }
         let missing = QueueId::generate();
         assert!(matches!(spool.load_content(missing).await, Err(SpoolError::NotFound(id)) if id == missing));
@@ -267,7 +267,7 @@ fn failing_operations_fail_only_their_callers() {
             .map(|i| {
                 let (spool, start) = (spool.clone(), start.clone());
                 let message = if i % 2 == 0 {
-                    NewMessage { content: b"duplicate".to_vec(), ..original.clone() }
+                    NewMessage { content: Arc::new(b"duplicate".to_vec()), ..original.clone() }
                 } else {
                     message(b"new")
                 };
@@ -653,7 +653,7 @@ fn large_bodies_go_to_segments_and_come_back_byte_for_byte() {
         spool.store(messages[1].clone()).await.unwrap();
         spool.store_all(messages[2..].to_vec()).await.unwrap();
         for message in &messages {
-            assert_eq!(spool.load_content(message.id).await.unwrap(), message.content);
+            assert_eq!(spool.load_content(message.id).await.unwrap(), *message.content);
         }
     });
     let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
@@ -671,7 +671,7 @@ fn large_bodies_go_to_segments_and_come_back_byte_for_byte() {
     let spool = SqliteSpool::open(dir.path()).unwrap();
     rt.block_on(async {
         for message in &messages {
-            assert_eq!(spool.load_content(message.id).await.unwrap(), message.content);
+            assert_eq!(spool.load_content(message.id).await.unwrap(), *message.content);
         }
     });
 }
@@ -706,7 +706,7 @@ fn a_segment_is_deleted_once_its_last_body_is_removed_and_it_is_no_longer_writte
     assert_eq!(segment_files(dir.path()), both, "one body is still in it");
     rt.block_on(spool.remove(third.id)).unwrap();
     assert_eq!(segment_files(dir.path()), ["0000000000000100"]);
-    assert_eq!(rt.block_on(spool.load_content(fourth.id)).unwrap(), fourth.content);
+    assert_eq!(rt.block_on(spool.load_content(fourth.id)).unwrap(), *fourth.content);
     assert_eq!(rt.block_on(spool.list()).unwrap().len(), 1);
     spool.close().unwrap();
     assert_eq!(integrity_check(dir.path()), "ok");
