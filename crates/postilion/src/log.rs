@@ -96,7 +96,7 @@ impl<W: Write + Send + 'static> LogSink<W> {
 
     /// Writes out every line logged so far and stops the thread; later lines are written
     /// directly again.
-    pub fn stop(&self) {
+    fn stop(&self) {
         let Some(thread) = lock(&self.shared.thread).take() else { return };
         {
             let mut state = lock(&self.shared.state);
