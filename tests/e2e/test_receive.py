@@ -372,6 +372,46 @@ def test_maildir_writers_run_at_a_lower_priority_than_the_sessions(start_server)
     assert others and all(nice == {base} for nice in others.values()), niceness
 
 
+def test_one_delivery_at_a_time_per_mailbox_delivers_every_copy_once(start_server):
+    """With `delivery.mailbox_concurrency = 1`, messages whose recipients share mailboxes,
+    listed in every order, from clients sending at once: each job takes its mailboxes in one
+    order, so none waits for another forever, and every copy arrives exactly once."""
+    import threading
+
+    server = start_server(delivery={"workers": 2, "mailbox_concurrency": 1})
+    orders = [["a", "b"], ["b", "a"], ["b", "c", "a"], ["c"], ["a"]]
+    per_client = 20
+    failures = []
+
+    def send(client_number):
+        try:
+            with smtplib.SMTP("127.0.0.1", server.port()) as client:
+                for n in range(per_client):
+                    mailboxes = orders[(client_number + n) % len(orders)]
+                    tag = f"{client_number}-{n}"
+                    body = f"Subject: {tag}\r\nMessage-ID: <{tag}@test>\r\n\r\nx\r\n"
+                    client.sendmail("s@example.org", [f"{m}@localhost" for m in mailboxes], body)
+        except Exception as error:  # reported below; a thread cannot fail the test itself
+            failures.append(error)
+
+    threads = [threading.Thread(target=send, args=(number,)) for number in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    expected = {"a": set(), "b": set(), "c": set()}
+    for client_number in range(5):
+        for n in range(per_client):
+            for mailbox in orders[(client_number + n) % len(orders)]:
+                expected[mailbox].add(f"{client_number}-{n}")
+    for mailbox, tags in expected.items():
+        found = server.wait_for_messages(mailbox, len(tags))
+        subjects = [re.search(rb"Subject: (\S+)", raw).group(1).decode() for raw in found]
+        assert sorted(subjects) == sorted(tags), mailbox
+    server.wait_until_queue_empty()
+
+
 def test_root_binds_a_low_port_then_runs_as_the_configured_user(start_server):
     """Started as root with `user = "nobody"`: the server binds port 25, gives its data
     directory to nobody, drops privileges for good, and still receives and delivers."""

@@ -264,6 +264,9 @@ impl Default for SpoolConfig {
 pub struct DeliveryConfig {
     /// Concurrent local deliveries. Default 4.
     pub workers: usize,
+    /// Concurrent local deliveries into one mailbox, so that a flood into one mailbox leaves
+    /// workers to the others. Default 2 (Postfix's `local_destination_concurrency_limit`).
+    pub mailbox_concurrency: usize,
     /// First retry delay after a temporary failure; doubles up to `retry_max`. Default 1m.
     #[serde(deserialize_with = "de_duration")]
     pub retry_initial: Duration,
@@ -289,6 +292,7 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
             workers: 4,
+            mailbox_concurrency: 2,
             retry_initial: Duration::from_secs(60),
             retry_max: Duration::from_secs(3600),
             max_lifetime: Duration::from_secs(5 * 86_400),
@@ -717,8 +721,8 @@ impl Config {
         if self.local.domains.is_empty() {
             bail!("local.domains must name at least one domain");
         }
-        if self.delivery.workers == 0 {
-            bail!("delivery.workers must be positive");
+        if self.delivery.workers == 0 || self.delivery.mailbox_concurrency == 0 {
+            bail!("delivery.workers and delivery.mailbox_concurrency must be positive");
         }
         let outbound = &self.outbound;
         if outbound.concurrency == 0
@@ -906,6 +910,7 @@ mod tests {
             free_space_reserve = "1G"
             [delivery]
             workers = 8
+            mailbox_concurrency = 3
             max_lifetime = "3d"
         "#;
         let config: Config = toml::from_str(text).unwrap();
@@ -915,6 +920,7 @@ mod tests {
         assert_eq!(config.limits.errors, 20, "unset keys keep their defaults");
         assert_eq!(config.timeouts.data, Duration::from_secs(120));
         assert_eq!(config.spool.free_space_reserve, 1 << 30);
+        assert_eq!((config.delivery.workers, config.delivery.mailbox_concurrency), (8, 3));
     }
 
     #[test]
@@ -928,6 +934,8 @@ mod tests {
         config.check().expect("aliases may forward to remote addresses");
         let config: Config = toml::from_str("[local]\naliases = { a = [\"@x\"] }").unwrap();
         assert!(config.check().is_err(), "not an address");
+        let config: Config = toml::from_str("[delivery]\nmailbox_concurrency = 0").unwrap();
+        assert!(config.check().is_err(), "no delivery into a mailbox could ever start");
     }
 
     #[test]

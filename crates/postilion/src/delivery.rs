@@ -23,12 +23,14 @@ use crate::config::DeliveryConfig;
 use crate::notify::Notifier;
 use crate::outbound::Outbound;
 use crate::router::Router;
+use crate::slots::{KeyedPermit, KeyedSlots};
 
 /// Which recipients of a job an attempt is for, decided before it waits for its slots.
 struct Plan {
     now: SystemTime,
     due: Vec<usize>,
-    local: Vec<usize>,
+    /// The local recipients, each with its mailbox (`None`: it no longer exists).
+    local: Vec<(usize, Option<String>)>,
     remote: Vec<usize>,
 }
 
@@ -148,8 +150,43 @@ impl DeliveryQueue {
 /// the local copies.
 struct Slots {
     local: Semaphore,
+    /// `delivery.mailbox_concurrency` per mailbox, taken before `local`: a flood of mail
+    /// into one mailbox keeps at most that many of the local slots, and the other mailboxes'
+    /// mail goes past it instead of waiting behind the whole flood.
+    mailboxes: KeyedSlots,
     remote: Semaphore,
     maildir_writers: MaildirWriters,
+}
+
+impl Slots {
+    /// Waits for the slots of a job with local recipients in `mailboxes` (`local`) and with
+    /// remote ones (`remote`). Always in the same order, mailboxes by name, then the local
+    /// slot, then the remote one, so that two jobs never wait for each other's slots; and a
+    /// job waiting for a mailbox holds no local slot meanwhile.
+    async fn take(&self, mut mailboxes: Vec<&str>, local: bool, remote: bool) -> Held<'_> {
+        mailboxes.sort_unstable();
+        mailboxes.dedup();
+        let mut mailbox_slots = Vec::with_capacity(mailboxes.len());
+        for mailbox in mailboxes {
+            mailbox_slots.push(self.mailboxes.acquire(mailbox).await);
+        }
+        let local = match local {
+            true => self.local.acquire().await.ok(),
+            false => None,
+        };
+        let remote = match remote {
+            true => self.remote.acquire().await.ok(),
+            false => None,
+        };
+        Held { _mailboxes: mailbox_slots, _local: local, _remote: remote }
+    }
+}
+
+/// A job's slots, given back when dropped.
+struct Held<'a> {
+    _mailboxes: Vec<KeyedPermit>,
+    _local: Option<SemaphorePermit<'a>>,
+    _remote: Option<SemaphorePermit<'a>>,
 }
 
 /// How much less CPU share the Maildir writers get than the rest of the server (added to its
@@ -233,6 +270,7 @@ pub fn start(
     // jobs cost no more than their envelope.
     let slots = Arc::new(Slots {
         local: Semaphore::new(deliverer.config.workers),
+        mailboxes: KeyedSlots::new(deliverer.config.mailbox_concurrency),
         remote: Semaphore::new(deliverer.outbound.concurrency()),
         maildir_writers: MaildirWriters::start(deliverer.config.workers)?,
     });
@@ -332,19 +370,16 @@ impl Deliverer {
         }
         let (local, remote): (Vec<usize>, Vec<usize>) =
             due.iter().partition(|&&i| self.router.is_local_address(&job.recipients[i].address));
-        // Always in this order, so two jobs never wait for each other's slots.
-        let local_slot = match local.is_empty() {
-            true => None,
-            false => slots.local.acquire().await.ok(),
-        };
-        let remote_slot = match remote.is_empty() {
-            true => None,
-            false => slots.remote.acquire().await.ok(),
-        };
+        let local: Vec<(usize, Option<String>)> = local
+            .into_iter()
+            .map(|i| (i, self.router.mailbox_for(&job.recipients[i].address)))
+            .collect();
+        let mailboxes: Vec<&str> = local.iter().filter_map(|(_, m)| m.as_deref()).collect();
+        let held = slots.take(mailboxes, !local.is_empty(), !remote.is_empty()).await;
         // Boxed: a job waiting for its slots (a burst of mail leaves thousands waiting) holds
         // only this function's small state, not that of the whole attempt.
         let plan = Plan { now, due, local, remote };
-        Box::pin(self.attempt(job, plan, (local_slot, remote_slot), queue, slots)).await;
+        Box::pin(self.attempt(job, plan, held, queue, slots)).await;
     }
 
     /// The delivery attempt of a job whose slots are held.
@@ -352,7 +387,7 @@ impl Deliverer {
         &self,
         mut job: Job,
         plan: Plan,
-        held: (Option<SemaphorePermit<'_>>, Option<SemaphorePermit<'_>>),
+        held: Held<'_>,
         queue: &DeliveryQueue,
         slots: &Slots,
     ) {
@@ -375,7 +410,7 @@ impl Deliverer {
                 match local.is_empty() {
                     true => Vec::new(),
                     false => {
-                        self.deliver_local(&job, &local, content.clone(), &slots.maildir_writers)
+                        self.deliver_local(&job, local, content.clone(), &slots.maildir_writers)
                             .await
                     }
                 }
@@ -505,17 +540,13 @@ impl Deliverer {
     async fn deliver_local(
         &self,
         job: &Job,
-        due: &[usize],
+        due: Vec<(usize, Option<String>)>,
         content: Arc<Vec<u8>>,
         writers: &MaildirWriters,
     ) -> Vec<(usize, Attempt)> {
         let plan: Vec<(usize, String, Option<String>)> = due
-            .iter()
-            .map(|&i| {
-                let address = job.recipients[i].address.clone();
-                let mailbox = self.router.mailbox_for(&address);
-                (i, address, mailbox)
-            })
+            .into_iter()
+            .map(|(i, mailbox)| (i, job.recipients[i].address.clone(), mailbox))
             .collect();
         let maildir = self.maildir.clone();
         let sender = job.envelope.sender.clone();
@@ -638,7 +669,56 @@ fn describe_failure(status: EnhancedStatus, reason: &str, remote_reply: Option<&
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
     use super::*;
+
+    fn slots(workers: usize, mailbox_concurrency: usize) -> Slots {
+        Slots {
+            local: Semaphore::new(workers),
+            mailboxes: KeyedSlots::new(mailbox_concurrency),
+            remote: Semaphore::new(1),
+            maildir_writers: MaildirWriters::start(1).unwrap(),
+        }
+    }
+
+    /// Polls a waiting `take` once; a future polled once is queued for what it waits for.
+    fn poll<'a>(take: &mut Pin<Box<impl Future<Output = Held<'a>>>>) -> Option<Held<'a>> {
+        match take.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(held) => Some(held),
+            Poll::Pending => None,
+        }
+    }
+
+    #[test]
+    fn a_job_waiting_for_its_mailbox_holds_no_local_slot() {
+        // One local slot, one delivery per mailbox. A flood into "a" must not keep "b" waiting
+        // behind all of it: while the second message for "a" waits for its mailbox, it does
+        // not hold or queue for the local slot, so "b" is next.
+        let slots = slots(1, 1);
+        let first_a = poll(&mut Box::pin(slots.take(vec!["a"], true, false))).unwrap();
+        let mut second_a = Box::pin(slots.take(vec!["a"], true, false));
+        let mut b = Box::pin(slots.take(vec!["b"], true, false));
+        assert!(poll(&mut second_a).is_none());
+        assert!(poll(&mut b).is_none(), "the only local slot is taken");
+        drop(first_a);
+        let b_held = poll(&mut b).expect("b had the first claim on the local slot");
+        assert!(poll(&mut second_a).is_none(), "a's turn comes after b's");
+        drop(b_held);
+        assert!(poll(&mut second_a).is_some());
+    }
+
+    #[test]
+    fn jobs_for_the_same_mailboxes_in_any_order_never_wait_for_each_other() {
+        let slots = slots(2, 1);
+        let first = poll(&mut Box::pin(slots.take(vec!["b", "a"], true, false))).unwrap();
+        let mut second = Box::pin(slots.take(vec!["a", "b", "a"], true, false));
+        assert!(poll(&mut second).is_none(), "both mailboxes are taken");
+        drop(first);
+        assert!(poll(&mut second).is_some(), "the second job has both mailboxes now");
+    }
 
     #[test]
     fn preloaded_content_is_bounded_and_released_when_dropped() {

@@ -11,6 +11,7 @@ mod outbound;
 mod privileges;
 mod router;
 mod server;
+mod slots;
 mod tls;
 mod users;
 

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{OutboundConfig, OutboundTls};
 use crate::delivery::Attempt;
+use crate::slots::KeyedSlots;
 use connection::{Connection, Dial};
 use dns::{Exchanger, MxResolver, RouteError};
 
@@ -57,7 +58,7 @@ pub struct Outbound {
     resolver: MxResolver,
     tls: tls::ClientTls,
     connections: Arc<Semaphore>,
-    destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
+    destinations: KeyedSlots,
     idle: Mutex<HashMap<PoolKey, Vec<IdleConnection>>>,
 }
 
@@ -88,7 +89,7 @@ impl Outbound {
             helo_name,
             resolver,
             tls,
-            destinations: Mutex::new(HashMap::new()),
+            destinations: KeyedSlots::new(config.destination_concurrency),
             idle: Mutex::new(HashMap::new()),
             config,
         })
@@ -118,8 +119,7 @@ impl Outbound {
                 return recipients.iter().map(|(i, _)| (*i, attempt.clone())).collect();
             }
         };
-        let destination = self.destination_slots(domain);
-        let _destination = destination.acquire().await;
+        let _destination = self.destinations.acquire(domain).await;
         let _connection = self.connections.acquire().await;
         let mut last_failure = None;
         let mut any_temporary = false;
@@ -375,20 +375,6 @@ impl Outbound {
             })
             .collect();
         (Tried::Done(results), outcome.connection)
-    }
-
-    fn destination_slots(&self, domain: &str) -> Arc<Semaphore> {
-        let mut destinations = self.destinations.lock().unwrap_or_else(|e| e.into_inner());
-        // Forget idle domains now and then so the map does not grow with every domain ever
-        // mailed.
-        if destinations.len() > 10_000 {
-            let full = self.config.destination_concurrency;
-            destinations.retain(|_, slots| slots.available_permits() < full);
-        }
-        destinations
-            .entry(domain.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.config.destination_concurrency)))
-            .clone()
     }
 
     /// An idle connection to the address under the same policy, or a new one.
