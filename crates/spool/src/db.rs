@@ -23,8 +23,9 @@ use crate::{
 /// `PRAGMA user_version` of the layout below. Version 1 was a pre-release layout (recipients
 /// as JSON); it was never released and is not migrated. Version 2 lacked
 /// `recipient.delay_notified`, which [`MIGRATE_2_TO_3`] adds; version 3 lacked the `body`
-/// table, which [`MIGRATE_3_TO_4`] adds.
-const SCHEMA_VERSION: i32 = 4;
+/// table, which [`MIGRATE_3_TO_4`] adds; version 4 checked `recipient.status` with `IN`,
+/// which [`MIGRATE_4_TO_5`] replaces.
+const SCHEMA_VERSION: i32 = 5;
 
 /// Upgrades a version 2 spool in place: no recipient of it has had a delay notice.
 const MIGRATE_2_TO_3: &str =
@@ -41,7 +42,53 @@ const MIGRATE_3_TO_4: &str = "
     CREATE INDEX body_segment ON body (segment);
 ";
 
-const SCHEMA: &str = "
+/// The recipient table, named `$name`. `status` is checked with `=` and `OR`, not `IN`: SQLite
+/// builds a temporary table for an `IN` list of more than two values each time the check
+/// runs, which cost more than the rest of the insert.
+macro_rules! recipient_table {
+    ($name:literal) => {
+        concat!(
+            "CREATE TABLE ",
+            $name,
+            " (
+        message_id    INTEGER NOT NULL,    -- message.id
+        idx           INTEGER NOT NULL,    -- position in the message's recipient list
+        address       TEXT NOT NULL,
+        original      TEXT NOT NULL,
+        notify        TEXT,                -- NULL (not given), NEVER, or e.g. SUCCESS,FAILURE
+        orcpt_type    TEXT,
+        orcpt_address TEXT,
+        status        TEXT NOT NULL CHECK (status = 'pending' OR status = 'deferred'
+                                           OR status = 'delivered' OR status = 'failed'),
+        attempts      INTEGER NOT NULL,    -- kept when a recipient becomes delivered or failed
+        next_attempt  INTEGER,             -- deferred: Unix milliseconds
+        last_error    TEXT,                -- deferred: the last temporary error; failed: the error
+        done_at       INTEGER,             -- delivered or failed: Unix milliseconds
+        detail        TEXT,                -- delivered: the receiving side's answer
+        delay_notified INTEGER NOT NULL DEFAULT 0, -- deferred: 1 once a delay notice was due
+        PRIMARY KEY (message_id, idx)
+    ) WITHOUT ROWID;"
+        )
+    };
+}
+
+/// Upgrades a version 4 spool in place: the recipient table again, with the new check (SQLite
+/// cannot change a check in place).
+const MIGRATE_4_TO_5: &str = concat!(
+    recipient_table!("recipient_5"),
+    "
+    INSERT INTO recipient_5 (message_id, idx, address, original, notify, orcpt_type,
+        orcpt_address, status, attempts, next_attempt, last_error, done_at, detail,
+        delay_notified)
+    SELECT message_id, idx, address, original, notify, orcpt_type, orcpt_address, status,
+        attempts, next_attempt, last_error, done_at, detail, delay_notified FROM recipient;
+    DROP TABLE recipient;
+    ALTER TABLE recipient_5 RENAME TO recipient;
+"
+);
+
+const SCHEMA: &str = concat!(
+    "
     CREATE TABLE message (
         id          INTEGER PRIMARY KEY,   -- QueueId
         envelope    TEXT NOT NULL,         -- JSON, see StoredEnvelope
@@ -52,24 +99,9 @@ const SCHEMA: &str = "
         id   INTEGER PRIMARY KEY,          -- message.id; bodies up to segments::INLINE_LIMIT
         data BLOB NOT NULL
     );
-    CREATE TABLE recipient (
-        message_id    INTEGER NOT NULL,    -- message.id
-        idx           INTEGER NOT NULL,    -- position in the message's recipient list
-        address       TEXT NOT NULL,
-        original      TEXT NOT NULL,
-        notify        TEXT,                -- NULL (not given), NEVER, or e.g. SUCCESS,FAILURE
-        orcpt_type    TEXT,
-        orcpt_address TEXT,
-        status        TEXT NOT NULL CHECK (status IN ('pending', 'deferred', 'delivered', 'failed')),
-        attempts      INTEGER NOT NULL,    -- kept when a recipient becomes delivered or failed
-        next_attempt  INTEGER,             -- deferred: Unix milliseconds
-        last_error    TEXT,                -- deferred: the last temporary error; failed: the error
-        done_at       INTEGER,             -- delivered or failed: Unix milliseconds
-        detail        TEXT,                -- delivered: the receiving side's answer
-        delay_notified INTEGER NOT NULL DEFAULT 0, -- deferred: 1 once a delay notice was due
-        PRIMARY KEY (message_id, idx)
-    ) WITHOUT ROWID;
-";
+    ",
+    recipient_table!("recipient")
+);
 
 /// Creates the tables in a new database and refuses a layout this program does not know.
 pub(crate) fn migrate(connection: &Connection) -> Result<(), SpoolError> {
@@ -86,11 +118,14 @@ pub(crate) fn migrate(connection: &Connection) -> Result<(), SpoolError> {
                 connection.execute_batch(MIGRATE_3_TO_4).context(context)?;
                 connection.pragma_update(None, "user_version", SCHEMA_VERSION).context(context)
             }
-            2 | 3 => {
+            2..=4 => {
                 if version == 2 {
                     connection.execute_batch(MIGRATE_2_TO_3).context(context)?;
                 }
-                connection.execute_batch(MIGRATE_3_TO_4).context(context)?;
+                if version <= 3 {
+                    connection.execute_batch(MIGRATE_3_TO_4).context(context)?;
+                }
+                connection.execute_batch(MIGRATE_4_TO_5).context(context)?;
                 connection.pragma_update(None, "user_version", SCHEMA_VERSION).context(context)
             }
             SCHEMA_VERSION => Ok(()),
@@ -272,15 +307,22 @@ pub(crate) fn remove(
     if delete("DELETE FROM message WHERE id = ?1").context(context)? == 0 {
         return Err(SpoolError::NotFound(id));
     }
-    delete("DELETE FROM content WHERE id = ?1").context(context)?;
+    let inline = delete("DELETE FROM content WHERE id = ?1").context(context)? == 1;
     delete("DELETE FROM recipient WHERE message_id = ?1").context(context)?;
-    let segment = connection
-        .prepare_cached("DELETE FROM body WHERE id = ?1 RETURNING segment")
-        .and_then(|mut delete| {
-            delete.query_row([sql_id(id)], |row| row.get::<_, i64>(0)).optional()
-        })
-        .context(context)?;
-    segments.extend(segment.map(|segment| segment as u64));
+    // A body is either inline or in a segment. Not `DELETE ... RETURNING`: SQLite builds a
+    // temporary table for the returned rows, which cost more than the rest of the removal.
+    if !inline {
+        let segment = connection
+            .prepare_cached("SELECT segment FROM body WHERE id = ?1")
+            .and_then(|mut select| {
+                select.query_row([sql_id(id)], |row| row.get::<_, i64>(0)).optional()
+            })
+            .context(context)?;
+        if let Some(segment) = segment {
+            delete("DELETE FROM body WHERE id = ?1").context(context)?;
+            segments.push(segment as u64);
+        }
+    }
     Ok(())
 }
 

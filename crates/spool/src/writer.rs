@@ -265,20 +265,30 @@ impl Writer {
         let mut results = Vec::with_capacity(batch.len());
         // Segments that removals took bodies out of.
         let mut emptied = Vec::new();
-        for (request, bodies) in batch.iter().zip(bodies) {
-            let result = match bodies {
-                Ok(bodies) => {
-                    let mark = emptied.len();
-                    let result =
-                        self.apply_in_savepoint(&request.operation, &bodies, &mut emptied)?;
-                    if result.is_err() {
-                        emptied.truncate(mark);
+        if !self.apply_all(batch, &bodies, &mut results, &mut emptied)? {
+            // An operation failed, perhaps halfway. Undo the whole batch and apply it again,
+            // each operation in a savepoint, so that its failure undoes only its own changes.
+            results.clear();
+            emptied.clear();
+            self.connection
+                .execute_batch("ROLLBACK; BEGIN IMMEDIATE")
+                .context(|| "starting a spool transaction again, with savepoints".into())
+                .map_err(TransactionFailed)?;
+            for (request, bodies) in batch.iter().zip(bodies) {
+                let result = match bodies {
+                    Ok(bodies) => {
+                        let mark = emptied.len();
+                        let result =
+                            self.apply_in_savepoint(&request.operation, &bodies, &mut emptied)?;
+                        if result.is_err() {
+                            emptied.truncate(mark);
+                        }
+                        result
                     }
-                    result
-                }
-                Err(error) => Err(error),
-            };
-            results.push(result);
+                    Err(error) => Err(error),
+                };
+                results.push(result);
+            }
         }
         let (mut durable, mut stored) = (0, 0);
         // "durable": committed; made durable at once or with the next fsync, see needs_fsync.
@@ -393,6 +403,35 @@ impl Writer {
         }
     }
 
+    /// Applies every operation of the batch with no savepoint between them: a savepoint costs
+    /// two statements, and a copy of every page an operation changes, for each operation,
+    /// while operations almost never fail. Returns false, with the transaction still open,
+    /// as soon as one fails; the outer result is for failures that end the transaction.
+    fn apply_all(
+        &self,
+        batch: &[Request],
+        bodies: &[Result<Vec<Option<BodyLocation>>, SpoolError>],
+        results: &mut Results,
+        emptied: &mut Vec<u64>,
+    ) -> Result<bool, TransactionFailed> {
+        for (request, bodies) in batch.iter().zip(bodies) {
+            match bodies {
+                Ok(bodies) => match self.apply(&request.operation, bodies, emptied) {
+                    Ok(()) => results.push(Ok(())),
+                    // On a full disk or an I/O error SQLite may have rolled back the whole
+                    // transaction already.
+                    Err(error) if self.connection.is_autocommit() => {
+                        return Err(TransactionFailed(error));
+                    }
+                    Err(_) => return Ok(false),
+                },
+                // Nothing of it was written: its body is not on the disk.
+                Err(error) => results.push(Err(error.clone())),
+            }
+        }
+        Ok(true)
+    }
+
     /// Runs one operation in a savepoint, so its failure undoes only its own changes. The
     /// outer result is for failures that end the transaction.
     fn apply_in_savepoint(
@@ -412,26 +451,7 @@ impl Writer {
                 .map_err(TransactionFailed)
         };
         savepoint("SAVEPOINT operation")?;
-        let store_all = |messages: &[NewMessage]| {
-            messages
-                .iter()
-                .zip(bodies)
-                .try_for_each(|(message, body)| db::store(connection, message, *body))
-        };
-        let result = match operation {
-            Operation::Store(message) => store_all(std::slice::from_ref(message)),
-            Operation::StoreAll(messages) => store_all(messages),
-            Operation::Update(id, updates) => db::update_recipients(connection, *id, updates),
-            Operation::Remove(id) => db::remove(connection, *id, emptied),
-            // All in the one savepoint: the new messages and the outcome commit together or
-            // not at all.
-            Operation::Outcome { id, updates, remove, new } => {
-                store_all(new).and_then(|()| match remove {
-                    true => db::remove(connection, *id, emptied),
-                    false => db::update_recipients(connection, *id, updates),
-                })
-            }
-        };
+        let result = self.apply(operation, bodies, emptied);
         match result {
             Ok(()) => savepoint("RELEASE operation")?,
             // On a full disk or an I/O error SQLite may roll back the whole transaction
@@ -444,6 +464,35 @@ impl Writer {
             }
         }
         Ok(result)
+    }
+
+    /// One operation's statements.
+    fn apply(
+        &self,
+        operation: &Operation,
+        bodies: &[Option<BodyLocation>],
+        emptied: &mut Vec<u64>,
+    ) -> Result<(), SpoolError> {
+        let connection = &self.connection;
+        let store_all = |messages: &[NewMessage]| {
+            messages
+                .iter()
+                .zip(bodies)
+                .try_for_each(|(message, body)| db::store(connection, message, *body))
+        };
+        match operation {
+            Operation::Store(message) => store_all(std::slice::from_ref(message)),
+            Operation::StoreAll(messages) => store_all(messages),
+            Operation::Update(id, updates) => db::update_recipients(connection, *id, updates),
+            Operation::Remove(id) => db::remove(connection, *id, emptied),
+            // The new messages and the outcome commit together or not at all.
+            Operation::Outcome { id, updates, remove, new } => {
+                store_all(new).and_then(|()| match remove {
+                    true => db::remove(connection, *id, emptied),
+                    false => db::update_recipients(connection, *id, updates),
+                })
+            }
+        }
     }
 
     fn roll_back(&self) {

@@ -304,6 +304,32 @@ fn failing_operations_fail_only_their_callers() {
         let listed = spool.list().await.unwrap();
         assert_eq!(listed[0].recipients, original.recipients);
 
+        // The same, amid other operations of its batch: its first change is undone, theirs
+        // are kept.
+        let start = Arc::new(tokio::sync::Barrier::new(21));
+        let stores: Vec<_> = (0..20)
+            .map(|_| {
+                let (spool, start) = (spool.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    spool.store(message(b"beside")).await
+                })
+            })
+            .collect();
+        start.wait().await;
+        let delivered = RecipientStatus::Delivered { at: millis(2), detail: "ok".into() };
+        let partial = spool
+            .update_recipients(original.id, vec![(1, delivered.clone()), (5, delivered)])
+            .await;
+        assert!(matches!(partial, Err(SpoolError::NoSuchRecipient { index: 5, .. })));
+        for store in stores {
+            store.await.unwrap().unwrap();
+        }
+        let listed = spool.list().await.unwrap();
+        assert_eq!(listed.len(), 41);
+        let kept = listed.iter().find(|queued| queued.id == original.id).unwrap();
+        assert_eq!(kept.recipients, original.recipients);
+
         let missing = QueueId::generate();
         let update = spool.update_recipients(missing, vec![(0, RecipientStatus::Pending)]).await;
         assert!(matches!(update, Err(SpoolError::NotFound(id)) if id == missing));
@@ -376,6 +402,58 @@ fn a_version_2_spool_is_upgraded_in_place() {
     };
     rt.block_on(spool.update_recipients(stored.id, vec![(0, notified.clone())])).unwrap();
     assert_eq!(rt.block_on(spool.list()).unwrap()[0].recipients[0].status, notified);
+}
+
+#[test]
+fn a_version_4_spool_gets_the_new_status_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let stored = message(b"kept across the upgrade");
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    rt.block_on(spool.store(stored.clone())).unwrap();
+    spool.close().unwrap();
+    // Version 4 checked the status with IN.
+    let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    let table_sql = |connection: &rusqlite::Connection| -> String {
+        connection
+            .query_row("SELECT sql FROM sqlite_schema WHERE name = 'recipient'", [], |row| {
+                row.get(0)
+            })
+            .unwrap()
+    };
+    let old = table_sql(&connection)
+        .replace("CREATE TABLE recipient", "CREATE TABLE recipient_4")
+        .replace(
+            "status = 'pending' OR status = 'deferred'\n                                           \
+             OR status = 'delivered' OR status = 'failed'",
+            "status IN ('pending', 'deferred', 'delivered', 'failed')",
+        );
+    assert!(old.contains(" IN ("), "{old}");
+    connection
+        .execute_batch(&format!(
+            "{old}; INSERT INTO recipient_4 SELECT * FROM recipient; DROP TABLE recipient;
+             ALTER TABLE recipient_4 RENAME TO recipient"
+        ))
+        .unwrap();
+    connection.pragma_update(None, "user_version", 4).unwrap();
+    drop(connection);
+
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let listed = rt.block_on(spool.list()).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].recipients, stored.recipients);
+    spool.close().unwrap();
+    let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    let version: i32 =
+        connection.pragma_query_value(None, "user_version", |row| row.get(0)).unwrap();
+    assert_eq!(version, 5);
+    assert!(!table_sql(&connection).contains(" IN ("));
+    // The check still holds.
+    let bogus = connection.execute(
+        "UPDATE recipient SET status = 'bogus' WHERE message_id = ?1",
+        [stored.id.0 as i64],
+    );
+    assert!(bogus.is_err(), "{bogus:?}");
 }
 
 #[test]
