@@ -58,8 +58,10 @@
 //! thread owns the write connection. It waits for a request, takes every other request
 //! already queued, applies them all in one transaction and commits once, then hands the
 //! waiters to the sync thread, which syncs once for every batch handed over since its last
-//! sync and answers them all. The busier the server, the more messages each sync carries. Each operation runs in
-//! its own savepoint, so one failing operation (a duplicate id, say) fails only its caller.
+//! sync and answers them all. The busier the server, the more messages each sync carries. One
+//! failing operation (a duplicate id, say) fails only its caller: the batch is then undone
+//! and applied again with each operation in its own savepoint (savepoints cost too much to
+//! take for every operation of every batch, when operations almost never fail).
 //! A batch of delivery records alone (nothing to fsync) waits up to 10 ms for more requests,
 //! so records share transactions, and pages, with each other and with stored mail; a request
 //! that stores mail ends that wait at once.
