@@ -160,16 +160,13 @@ struct Slots {
 
 impl Slots {
     /// Waits for the slots of a job with local recipients in `mailboxes` (`local`) and with
-    /// remote ones (`remote`). Always in the same order, mailboxes by name, then the local
-    /// slot, then the remote one, so that two jobs never wait for each other's slots; and a
-    /// job waiting for a mailbox holds no local slot meanwhile.
+    /// remote ones (`remote`): its mailboxes' slots (see [`KeyedSlots::acquire_all`]), then
+    /// the local slot, then the remote one, so that two jobs never wait for each other's
+    /// slots; and a job waiting for a mailbox holds no local slot meanwhile.
     async fn take(&self, mut mailboxes: Vec<&str>, local: bool, remote: bool) -> Held<'_> {
         mailboxes.sort_unstable();
         mailboxes.dedup();
-        let mut mailbox_slots = Vec::with_capacity(mailboxes.len());
-        for mailbox in mailboxes {
-            mailbox_slots.push(self.mailboxes.acquire(mailbox).await);
-        }
+        let mailbox_slots = self.mailboxes.acquire_all(&mailboxes).await;
         let local = match local {
             true => self.local.acquire().await.ok(),
             false => None,
@@ -708,6 +705,18 @@ mod tests {
         assert!(poll(&mut second_a).is_none(), "a's turn comes after b's");
         drop(b_held);
         assert!(poll(&mut second_a).is_some());
+    }
+
+    #[test]
+    fn a_job_for_a_flooded_mailbox_and_another_holds_neither_while_it_waits() {
+        let slots = slots(4, 1);
+        let flood = poll(&mut Box::pin(slots.take(vec!["z"], true, false))).unwrap();
+        let mut both = Box::pin(slots.take(vec!["z", "a"], true, false));
+        assert!(poll(&mut both).is_none(), "z is taken");
+        let a = poll(&mut Box::pin(slots.take(vec!["a"], true, false)));
+        assert!(a.is_some(), "a message for a alone goes past the flood into z");
+        drop((flood, a));
+        assert!(poll(&mut both).is_some());
     }
 
     #[test]

@@ -6,6 +6,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// How many times [`KeyedSlots::acquire_all`] gives back what it holds to wait for a busy key
+/// before it waits holding the others: keys that stay busy must not starve a job that needs
+/// several of them.
+const ALL_OR_NOTHING_ROUNDS: usize = 3;
+
 /// Past this many keys, the idle ones are forgotten when the next key is added, so the map
 /// does not grow with every key ever used.
 const IDLE_KEYS_KEPT: usize = 10_000;
@@ -27,9 +32,53 @@ impl KeyedSlots {
 
     /// Waits for one of `key`'s slots. Waiters are served in the order they came.
     pub async fn acquire(&self, key: &str) -> KeyedPermit {
-        let slots = self.slots(key);
+        Self::wait(&self.slots(key)).await
+    }
+
+    /// Waits for one slot of each of `keys` (sorted, each once) without holding some while it
+    /// waits for another: a job for two mailboxes, one of them flooded, must not keep the
+    /// other one's slots while it queues behind the flood. It waits for one busy key, then
+    /// tries the others at once; when one of them is busy, it gives everything back and
+    /// waits for that one. After [`ALL_OR_NOTHING_ROUNDS`] such rounds it waits for the
+    /// keys in order, holding the ones it has: still never a deadlock, as every job that
+    /// waits holding takes the keys in the same order.
+    pub async fn acquire_all(&self, keys: &[&str]) -> Vec<KeyedPermit> {
+        let all: Vec<Arc<Semaphore>> = keys.iter().map(|key| self.slots(key)).collect();
+        let mut waited_for = None;
+        for _ in 0..ALL_OR_NOTHING_ROUNDS {
+            let mut held = Vec::with_capacity(all.len());
+            if let Some(index) = waited_for {
+                held.push(Self::wait(&all[index]).await);
+            }
+            let mut busy = None;
+            for (index, slots) in all.iter().enumerate() {
+                if Some(index) == waited_for {
+                    continue;
+                }
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => held.push(KeyedPermit { _permit: permit }),
+                    Err(_) => {
+                        busy = Some(index);
+                        break;
+                    }
+                }
+            }
+            match busy {
+                None => return held,
+                // What is held is given back here.
+                Some(index) => waited_for = Some(index),
+            }
+        }
+        let mut held = Vec::with_capacity(all.len());
+        for slots in &all {
+            held.push(Self::wait(slots).await);
+        }
+        held
+    }
+
+    async fn wait(slots: &Arc<Semaphore>) -> KeyedPermit {
         // The semaphore is never closed.
-        let permit = slots.acquire_owned().await.expect("keyed slots are never closed");
+        let permit = slots.clone().acquire_owned().await.expect("keyed slots are never closed");
         KeyedPermit { _permit: permit }
     }
 
@@ -55,6 +104,7 @@ impl KeyedSlots {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
     use std::time::Duration;
 
     use super::*;
@@ -79,6 +129,53 @@ mod tests {
         let _other = ready(slots.acquire("b")).expect("another key waits for nothing");
         drop(first);
         assert!(ready(slots.acquire("a")).is_some(), "a slot given back is free again");
+    }
+
+    #[tokio::test]
+    async fn several_keys_are_waited_for_holding_none_of_them() {
+        let slots = KeyedSlots::new(1);
+        let flood = slots.acquire("z").await;
+        let mut both = Box::pin(slots.acquire_all(&["a", "z"]));
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(both.as_mut().poll(&mut context).is_pending(), "z is busy");
+        // While it waits for z, a is free for others.
+        let other = ready(slots.acquire("a")).expect("a must not be held by a waiting job");
+        drop(flood);
+        // It gets z, finds a busy, gives z back and waits for a.
+        assert!(both.as_mut().poll(&mut context).is_pending(), "a is busy");
+        assert!(ready(slots.acquire("z")).is_some(), "z must not be held while waiting for a");
+        drop(other);
+        let std::task::Poll::Ready(held) = both.as_mut().poll(&mut context) else {
+            panic!("both keys are free");
+        };
+        assert_eq!(held.len(), 2);
+        assert!(ready(slots.acquire("a")).is_none() && ready(slots.acquire("z")).is_none());
+    }
+
+    #[tokio::test]
+    async fn keys_that_stay_busy_are_waited_for_in_order_at_last() {
+        // Another task takes a and b again and again; the job still gets both, if need be
+        // by waiting for them in order after its rounds of giving back.
+        let slots = Arc::new(KeyedSlots::new(1));
+        let (held_a, held_b) = (slots.acquire("a").await, slots.acquire("b").await);
+        let both = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.acquire_all(&["a", "b"]).await.len() }
+        });
+        let churn = tokio::spawn({
+            let slots = slots.clone();
+            async move {
+                for _ in 0..20 {
+                    let (a, b) = (slots.acquire("a").await, slots.acquire("b").await);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    drop((a, b));
+                }
+            }
+        });
+        drop((held_a, held_b));
+        let got = tokio::time::timeout(Duration::from_secs(10), both).await;
+        assert_eq!(got.expect("acquire_all starved").unwrap(), 2);
+        churn.await.unwrap();
     }
 
     #[tokio::test]

@@ -306,6 +306,7 @@ fn failing_operations_fail_only_their_callers() {
 
         // The same, amid other operations of its batch: its first change is undone, theirs
         // are kept.
+        let before = spool.stats();
         let start = Arc::new(tokio::sync::Barrier::new(21));
         let stores: Vec<_> = (0..20)
             .map(|_| {
@@ -325,6 +326,8 @@ fn failing_operations_fail_only_their_callers() {
         for store in stores {
             store.await.unwrap().unwrap();
         }
+        let after = spool.stats();
+        assert!(after.commits - before.commits < 20, "not batched: {after:?}");
         let listed = spool.list().await.unwrap();
         assert_eq!(listed.len(), 41);
         let kept = listed.iter().find(|queued| queued.id == original.id).unwrap();
