@@ -163,9 +163,7 @@ impl Slots {
     /// remote ones (`remote`): its mailboxes' slots (see [`KeyedSlots::acquire_all`]), then
     /// the local slot, then the remote one, so that two jobs never wait for each other's
     /// slots; and a job waiting for a mailbox holds no local slot meanwhile.
-    async fn take(&self, mut mailboxes: Vec<&str>, local: bool, remote: bool) -> Held<'_> {
-        mailboxes.sort_unstable();
-        mailboxes.dedup();
+    async fn take(&self, mailboxes: Vec<&str>, local: bool, remote: bool) -> Held<'_> {
         let mailbox_slots = self.mailboxes.acquire_all(&mailboxes).await;
         let local = match local {
             true => self.local.acquire().await.ok(),

@@ -35,14 +35,17 @@ impl KeyedSlots {
         Self::wait(&self.slots(key)).await
     }
 
-    /// Waits for one slot of each of `keys` (sorted, each once) without holding some while it
-    /// waits for another: a job for two mailboxes, one of them flooded, must not keep the
+    /// Waits for one slot of each of `keys` (a key named twice counts once) without holding
+    /// some while it waits for another: a job for two mailboxes, one of them flooded, must not keep the
     /// other one's slots while it queues behind the flood. It waits for one busy key, then
     /// tries the others at once; when one of them is busy, it gives everything back and
     /// waits for that one. After [`ALL_OR_NOTHING_ROUNDS`] such rounds it waits for the
-    /// keys in order, holding the ones it has: still never a deadlock, as every job that
-    /// waits holding takes the keys in the same order.
+    /// keys in name order, holding the ones it has: still never a deadlock, as every job
+    /// that waits holding takes the keys in the same order.
     pub async fn acquire_all(&self, keys: &[&str]) -> Vec<KeyedPermit> {
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
         let all: Vec<Arc<Semaphore>> = keys.iter().map(|key| self.slots(key)).collect();
         let mut waited_for = None;
         for _ in 0..ALL_OR_NOTHING_ROUNDS {
@@ -176,6 +179,14 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(10), both).await;
         assert_eq!(got.expect("acquire_all starved").unwrap(), 2);
         churn.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_key_named_twice_takes_one_slot() {
+        let slots = KeyedSlots::new(2);
+        let held = slots.acquire_all(&["b", "a", "b"]).await;
+        assert_eq!(held.len(), 2);
+        assert!(ready(slots.acquire("b")).is_some(), "b's second slot is still free");
     }
 
     #[tokio::test]
