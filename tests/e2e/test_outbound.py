@@ -504,3 +504,41 @@ def test_a_pooled_connection_the_peer_closed_is_replaced_at_once(start_server, d
     peers[0].wait_for(2, timeout=5)
     assert peers[0].connections == 2
     assert "delivery deferred" not in server.log()
+
+
+def test_a_local_copy_does_not_wait_for_a_remote_slot(start_server, dns):
+    """One remote connection in all, held by a delivery to a host that never greets: a
+    message for a local mailbox and that host gets its local copy at once, its remote part
+    waiting alone (the local part takes only local slots), even with a single local worker."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.2", 0))
+    silent.listen(8)
+    held = []
+
+    def accept():
+        try:
+            while True:
+                held.append(silent.accept()[0])
+        except OSError:
+            pass  # closed at the end of the test
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        dns.add("stalled.test", "A", "127.0.0.2")
+        server = relay(
+            start_server, dns, silent.getsockname()[1],
+            outbound={"concurrency": 1, "greeting_timeout": "60s"},
+            delivery={"workers": 1},
+        )
+        send(server, ["bob@stalled.test"])
+        deadline = time.time() + 10
+        while not held and time.time() < deadline:
+            time.sleep(0.05)
+        assert held, "the first message's delivery is waiting for the silent host's greeting"
+        send(server, ["carol@stalled.test", "local1@localhost"])
+        server.wait_for_messages("local1", 1, timeout=5)
+        assert len(held) == 1, "the second message's remote part is still waiting for the slot"
+    finally:
+        silent.close()
+        for connection in held:
+            connection.close()

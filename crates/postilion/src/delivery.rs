@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use maildir::MaildirRoot;
 use smtp_proto::EnhancedStatus;
 use spool::{Envelope, QueueId, QueueStore, Recipient, RecipientStatus};
-use tokio::sync::{Semaphore, SemaphorePermit, mpsc, watch};
+use tokio::sync::{OnceCell, Semaphore, SemaphorePermit, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -32,6 +32,15 @@ struct Plan {
     /// The local recipients, each with its mailbox (`None`: it no longer exists).
     local: Vec<(usize, Option<String>)>,
     remote: Vec<usize>,
+}
+
+/// The content of an attempt's message, shared by its local and remote parts: read once,
+/// by the first part that needs it.
+#[derive(Clone, Copy)]
+struct Loaded<'a> {
+    cell: &'a OnceCell<Arc<Vec<u8>>>,
+    /// The content kept from acceptance, if any; otherwise it is read from the spool.
+    preloaded: Option<&'a Arc<Vec<u8>>>,
 }
 
 /// One message with the recipients it still has to reach.
@@ -159,29 +168,21 @@ struct Slots {
 }
 
 impl Slots {
-    /// Waits for the slots of a job with local recipients in `mailboxes` (`local`) and with
-    /// remote ones (`remote`): its mailboxes' slots (see [`KeyedSlots::acquire_all`]), then
-    /// the local slot, then the remote one, so that two jobs never wait for each other's
-    /// slots; and a job waiting for a mailbox holds no local slot meanwhile.
-    async fn take(&self, mailboxes: Vec<&str>, local: bool, remote: bool) -> Held<'_> {
-        let mailbox_slots = self.mailboxes.acquire_all(&mailboxes).await;
-        let local = match local {
-            true => self.local.acquire().await.ok(),
-            false => None,
-        };
-        let remote = match remote {
-            true => self.remote.acquire().await.ok(),
-            false => None,
-        };
-        Held { _mailboxes: mailbox_slots, _local: local, _remote: remote }
+    /// Waits for the slots of a job's local part, whose recipients are in `mailboxes`: its
+    /// mailboxes' slots (see [`KeyedSlots::acquire_all`]), then a local slot, so that a job
+    /// waiting for a mailbox holds no local slot meanwhile. The remote part takes its slot
+    /// apart from these, so neither part waits holding the other's slots.
+    async fn take_local(&self, mailboxes: &[&str]) -> LocalSlots<'_> {
+        let mailboxes = self.mailboxes.acquire_all(mailboxes).await;
+        let local = self.local.acquire().await.ok();
+        LocalSlots { _mailboxes: mailboxes, _local: local }
     }
 }
 
-/// A job's slots, given back when dropped.
-struct Held<'a> {
+/// A job's local slots, given back when dropped.
+struct LocalSlots<'a> {
     _mailboxes: Vec<KeyedPermit>,
     _local: Option<SemaphorePermit<'a>>,
-    _remote: Option<SemaphorePermit<'a>>,
 }
 
 /// How much less CPU share the Maildir writers get than the rest of the server (added to its
@@ -369,56 +370,110 @@ impl Deliverer {
             .into_iter()
             .map(|i| (i, self.router.mailbox_for(&job.recipients[i].address)))
             .collect();
-        let mailboxes: Vec<&str> = local.iter().filter_map(|(_, m)| m.as_deref()).collect();
-        let held = slots.take(mailboxes, !local.is_empty(), !remote.is_empty()).await;
-        // Boxed: a job waiting for its slots (a burst of mail leaves thousands waiting) holds
-        // only this function's small state, not that of the whole attempt.
         let plan = Plan { now, due, local, remote };
-        Box::pin(self.attempt(job, plan, held, queue, slots)).await;
+        self.attempt(job, plan, queue, slots).await;
     }
 
-    /// The delivery attempt of a job whose slots are held.
-    async fn attempt(
-        &self,
-        mut job: Job,
-        plan: Plan,
-        held: Held<'_>,
-        queue: &DeliveryQueue,
-        slots: &Slots,
-    ) {
+    /// A delivery attempt: the local and the remote part each wait for their own slots, then
+    /// deliver; the outcome is recorded once both are done.
+    async fn attempt(&self, mut job: Job, plan: Plan, queue: &DeliveryQueue, slots: &Slots) {
         let Plan { now, due, local, remote } = plan;
-        let preloaded = job.preloaded.take().map(|preloaded| preloaded.content.clone());
-        let loaded = match preloaded {
-            Some(content) => Ok(content),
-            None => self.spool.load_content(job.id).await.map(Arc::new),
-        };
-        let content = match loaded {
-            Ok(content) => content,
-            Err(error) => {
-                error!(queue_id = %job.id, %error, "cannot read message from the spool; retrying later");
-                queue.schedule(job, now + self.config.retry_initial);
-                return;
+        let content = OnceCell::new();
+        // The preloaded content stays in the job, counted against the preload budget, while
+        // the job waits for its slots.
+        let preloaded = job.preloaded.as_ref().map(|preloaded| &preloaded.content);
+        let loaded = Loaded { cell: &content, preloaded };
+        // Each part boxed, allocated only for a job that has it: a waiting job's state stays
+        // small (a burst of mail leaves thousands waiting).
+        let local_part = async {
+            match local.is_empty() {
+                true => Vec::new(),
+                false => Box::pin(self.local_part(&job, &local, slots, loaded)).await,
             }
         };
-        let (mut attempts, remote_attempts) = tokio::join!(
-            async {
-                match local.is_empty() {
-                    true => Vec::new(),
-                    false => {
-                        self.deliver_local(&job, local, content.clone(), &slots.maildir_writers)
-                            .await
-                    }
-                }
-            },
-            self.deliver_remote(&job, &remote, content.clone())
-        );
+        let remote_part = async {
+            match remote.is_empty() {
+                true => Vec::new(),
+                false => Box::pin(self.remote_part(&job, &remote, slots, loaded)).await,
+            }
+        };
+        let (mut attempts, remote_attempts) = tokio::join!(local_part, remote_part);
         attempts.extend(remote_attempts);
-        // The slots bound the deliveries under way; recording the outcome waits for the
-        // spool's writer, and the next job need not wait with it.
-        drop(held);
+        job.preloaded = None;
+        // Either part reads the content again if the other failed to; with none, neither
+        // part delivered anything, and there is nothing to record.
+        let Some(content) = content.into_inner() else {
+            queue.schedule(job, now + self.config.retry_initial);
+            return;
+        };
+        // Boxed: the attempt's state while it waits for its slots stays small.
+        Box::pin(self.record(job, &due, attempts, content, queue)).await;
+    }
+
+    /// The local part of an attempt: waits for its slots, then writes the copies.
+    async fn local_part(
+        &self,
+        job: &Job,
+        local: &[(usize, Option<String>)],
+        slots: &Slots,
+        loaded: Loaded<'_>,
+    ) -> Vec<(usize, Attempt)> {
+        let mailboxes: Vec<&str> = local.iter().filter_map(|(_, m)| m.as_deref()).collect();
+        // Held until the copies are written; recording the outcome waits for the spool's
+        // writer, and the next job need not wait with it.
+        let _slots = slots.take_local(&mailboxes).await;
+        let Some(content) = self.content(job.id, loaded).await else { return Vec::new() };
+        Box::pin(self.deliver_local(job, local, content, &slots.maildir_writers)).await
+    }
+
+    /// The remote part of an attempt: waits for its slot, then delivers over SMTP.
+    async fn remote_part(
+        &self,
+        job: &Job,
+        remote: &[usize],
+        slots: &Slots,
+        loaded: Loaded<'_>,
+    ) -> Vec<(usize, Attempt)> {
+        let _slot = slots.remote.acquire().await;
+        let Some(content) = self.content(job.id, loaded).await else { return Vec::new() };
+        Box::pin(self.deliver_remote(job, remote, content)).await
+    }
+
+    /// The message's content, read by whichever part of an attempt has its slots first, not
+    /// before: a job waiting for slots holds only its envelope. `None` when it cannot be
+    /// read (logged).
+    async fn content(&self, id: QueueId, loaded: Loaded<'_>) -> Option<Arc<Vec<u8>>> {
+        let content = loaded
+            .cell
+            .get_or_try_init(|| async {
+                match loaded.preloaded {
+                    Some(content) => Ok(content.clone()),
+                    None => self.spool.load_content(id).await.map(Arc::new),
+                }
+            })
+            .await;
+        match content {
+            Ok(content) => Some(content.clone()),
+            Err(error) => {
+                error!(queue_id = %id, %error, "cannot read message from the spool; retrying later");
+                None
+            }
+        }
+    }
+
+    /// Records the outcome of an attempt: each recipient's new status and the notices it
+    /// calls for, in one spool transaction; then schedules what is left.
+    async fn record(
+        &self,
+        mut job: Job,
+        due: &[usize],
+        mut attempts: Vec<(usize, Attempt)>,
+        content: Arc<Vec<u8>>,
+        queue: &DeliveryQueue,
+    ) {
         // A recipient whose attempt produced no result (a task that failed) is tried again
         // later like any temporary failure, never left to loop at once.
-        for &index in &due {
+        for &index in due {
             if !attempts.iter().any(|(i, _)| *i == index) {
                 let attempt = Attempt::failed(
                     false,
@@ -535,13 +590,13 @@ impl Deliverer {
     async fn deliver_local(
         &self,
         job: &Job,
-        due: Vec<(usize, Option<String>)>,
+        due: &[(usize, Option<String>)],
         content: Arc<Vec<u8>>,
         writers: &MaildirWriters,
     ) -> Vec<(usize, Attempt)> {
         let plan: Vec<(usize, String, Option<String>)> = due
-            .into_iter()
-            .map(|(i, mailbox)| (i, job.recipients[i].address.clone(), mailbox))
+            .iter()
+            .map(|(i, mailbox)| (*i, job.recipients[*i].address.clone(), mailbox.clone()))
             .collect();
         let maildir = self.maildir.clone();
         let sender = job.envelope.sender.clone();
@@ -679,8 +734,11 @@ mod tests {
         }
     }
 
-    /// Polls a waiting `take` once; a future polled once is queued for what it waits for.
-    fn poll<'a>(take: &mut Pin<Box<impl Future<Output = Held<'a>>>>) -> Option<Held<'a>> {
+    /// Polls a waiting `take_local` once; a future polled once is queued for what it waits
+    /// for.
+    fn poll<'a>(
+        take: &mut Pin<Box<impl Future<Output = LocalSlots<'a>>>>,
+    ) -> Option<LocalSlots<'a>> {
         match take.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(held) => Some(held),
             Poll::Pending => None,
@@ -693,9 +751,9 @@ mod tests {
         // behind all of it: while the second message for "a" waits for its mailbox, it does
         // not hold or queue for the local slot, so "b" is next.
         let slots = slots(1, 1);
-        let first_a = poll(&mut Box::pin(slots.take(vec!["a"], true, false))).unwrap();
-        let mut second_a = Box::pin(slots.take(vec!["a"], true, false));
-        let mut b = Box::pin(slots.take(vec!["b"], true, false));
+        let first_a = poll(&mut Box::pin(slots.take_local(&["a"]))).unwrap();
+        let mut second_a = Box::pin(slots.take_local(&["a"]));
+        let mut b = Box::pin(slots.take_local(&["b"]));
         assert!(poll(&mut second_a).is_none());
         assert!(poll(&mut b).is_none(), "the only local slot is taken");
         drop(first_a);
@@ -708,10 +766,10 @@ mod tests {
     #[test]
     fn a_job_for_a_flooded_mailbox_and_another_holds_neither_while_it_waits() {
         let slots = slots(4, 1);
-        let flood = poll(&mut Box::pin(slots.take(vec!["z"], true, false))).unwrap();
-        let mut both = Box::pin(slots.take(vec!["z", "a"], true, false));
+        let flood = poll(&mut Box::pin(slots.take_local(&["z"]))).unwrap();
+        let mut both = Box::pin(slots.take_local(&["z", "a"]));
         assert!(poll(&mut both).is_none(), "z is taken");
-        let a = poll(&mut Box::pin(slots.take(vec!["a"], true, false)));
+        let a = poll(&mut Box::pin(slots.take_local(&["a"])));
         assert!(a.is_some(), "a message for a alone goes past the flood into z");
         drop((flood, a));
         assert!(poll(&mut both).is_some());
@@ -720,8 +778,8 @@ mod tests {
     #[test]
     fn jobs_for_the_same_mailboxes_in_any_order_never_wait_for_each_other() {
         let slots = slots(2, 1);
-        let first = poll(&mut Box::pin(slots.take(vec!["b", "a"], true, false))).unwrap();
-        let mut second = Box::pin(slots.take(vec!["a", "b", "a"], true, false));
+        let first = poll(&mut Box::pin(slots.take_local(&["b", "a"]))).unwrap();
+        let mut second = Box::pin(slots.take_local(&["a", "b", "a"]));
         assert!(poll(&mut second).is_none(), "both mailboxes are taken");
         drop(first);
         assert!(poll(&mut second).is_some(), "the second job has both mailboxes now");
