@@ -19,6 +19,7 @@ use tokio::sync::{OnceCell, Semaphore, SemaphorePermit, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
+use crate::admission::{Admission, Lane, LaneLimits};
 use crate::config::DeliveryConfig;
 use crate::notify::Notifier;
 use crate::outbound::Outbound;
@@ -27,11 +28,36 @@ use crate::slots::{KeyedPermit, KeyedSlots};
 
 /// Which recipients of a job an attempt is for, decided before it waits for its slots.
 struct Plan {
-    now: SystemTime,
     due: Vec<usize>,
     /// The local recipients, each with its mailbox (`None`: it no longer exists).
     local: Vec<(usize, Option<String>)>,
     remote: Vec<usize>,
+}
+
+impl Plan {
+    /// The lanes the attempt delivers in: its mailboxes and its remote domains.
+    fn lanes(&self, job: &Job) -> Vec<Lane> {
+        let mailboxes =
+            self.local.iter().filter_map(|(_, mailbox)| mailbox.clone()).map(Lane::Mailbox);
+        let domains =
+            self.remote.iter().map(|&i| Lane::Domain(domain_of(&job.recipients[i].address)));
+        mailboxes.chain(domains).collect()
+    }
+}
+
+/// A job's places in its lanes, given back to the dispatcher when its deliveries are done,
+/// or when the attempt ends otherwise.
+struct Admitted {
+    lanes: Vec<Lane>,
+    done: mpsc::UnboundedSender<Vec<Lane>>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if !self.lanes.is_empty() {
+            let _ = self.done.send(std::mem::take(&mut self.lanes));
+        }
+    }
 }
 
 /// The content of an attempt's message, shared by its local and remote parts: read once,
@@ -270,32 +296,63 @@ pub fn start(
         remote: Semaphore::new(deliverer.outbound.concurrency()),
         maildir_writers: MaildirWriters::start(deliverer.config.workers)?,
     });
+    // Each lane admits twice its slots: those delivering, and as many ready to follow.
+    let limits = LaneLimits {
+        mailbox: 2 * deliverer.config.mailbox_concurrency,
+        domain: 2 * deliverer.outbound.destination_concurrency(),
+    };
     let handle = {
         let queue = queue.clone();
         let mut shutdown = shutdown;
         tokio::spawn(async move {
             let mut running = JoinSet::new();
-            loop {
-                let job = tokio::select! {
-                    job = receiver.recv() => job,
-                    _ = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => None,
-                };
-                let Some(job) = job else { break };
+            let mut admission = Admission::new(limits);
+            let (done, mut left) = mpsc::unbounded_channel::<Vec<Lane>>();
+            let stopping = shutdown.clone();
+            let spawn = |running: &mut JoinSet<()>, (job, plan): (Job, Plan), lanes| {
                 let deliverer = deliverer.clone();
                 let queue = queue.clone();
                 let slots = slots.clone();
-                let mut stopping = shutdown.clone();
+                let admitted = Admitted { lanes, done: done.clone() };
+                let mut stopping = stopping.clone();
                 running.spawn(async move {
                     // A job still waiting for a slot at shutdown stays in the spool for the
                     // next start.
                     tokio::select! {
-                        _ = deliverer.deliver(job, &queue, &slots) => {}
+                        _ = deliverer.attempt(job, plan, admitted, &queue, &slots) => {}
                         _ = async { let _ = stopping.wait_for(|stopping| *stopping).await; } => {}
                     }
                 });
+            };
+            loop {
+                tokio::select! {
+                    // Places given back first: the jobs waiting for them queued earlier.
+                    biased;
+                    Some(lanes) = left.recv() => {
+                        for (job, lanes) in admission.release(&lanes) {
+                            spawn(&mut running, job, lanes);
+                        }
+                    }
+                    job = receiver.recv() => {
+                        let Some(job) = job else { break };
+                        let Some(plan) = deliverer.plan(&job) else {
+                            if let Some(at) = next_attempt(&job.recipients) {
+                                queue.schedule(job, at);
+                            }
+                            continue;
+                        };
+                        let lanes = plan.lanes(&job);
+                        if let Some((job, lanes)) = admission.offer((job, plan), lanes) {
+                            spawn(&mut running, job, lanes);
+                        }
+                    }
+                    _ = shutdown.wait_for(|stopping| *stopping) => break,
+                }
                 // Reap finished deliveries so the set does not grow.
                 while running.try_join_next().is_some() {}
             }
+            // Jobs still waiting for a place stay in the spool for the next start.
+            drop(admission);
             while running.join_next().await.is_some() {}
         })
     };
@@ -345,7 +402,8 @@ fn domain_of(address: &str) -> String {
 }
 
 impl Deliverer {
-    async fn deliver(&self, job: Job, queue: &DeliveryQueue, slots: &Slots) {
+    /// Which of the job's recipients are due now, and where each goes; `None` if none is.
+    fn plan(&self, job: &Job) -> Option<Plan> {
         let now = SystemTime::now();
         let due: Vec<usize> = job
             .recipients
@@ -359,10 +417,7 @@ impl Deliverer {
             .map(|(i, _)| i)
             .collect();
         if due.is_empty() {
-            if let Some(at) = next_attempt(&job.recipients) {
-                queue.schedule(job, at);
-            }
-            return;
+            return None;
         }
         let (local, remote): (Vec<usize>, Vec<usize>) =
             due.iter().partition(|&&i| self.router.is_local_address(&job.recipients[i].address));
@@ -370,14 +425,20 @@ impl Deliverer {
             .into_iter()
             .map(|i| (i, self.router.mailbox_for(&job.recipients[i].address)))
             .collect();
-        let plan = Plan { now, due, local, remote };
-        self.attempt(job, plan, queue, slots).await;
+        Some(Plan { due, local, remote })
     }
 
     /// A delivery attempt: the local and the remote part each wait for their own slots, then
     /// deliver; the outcome is recorded once both are done.
-    async fn attempt(&self, mut job: Job, plan: Plan, queue: &DeliveryQueue, slots: &Slots) {
-        let Plan { now, due, local, remote } = plan;
+    async fn attempt(
+        &self,
+        mut job: Job,
+        plan: Plan,
+        admitted: Admitted,
+        queue: &DeliveryQueue,
+        slots: &Slots,
+    ) {
+        let Plan { due, local, remote } = plan;
         let content = OnceCell::new();
         // The preloaded content stays in the job, counted against the preload budget, while
         // the job waits for its slots.
@@ -398,12 +459,14 @@ impl Deliverer {
             }
         };
         let (mut attempts, remote_attempts) = tokio::join!(local_part, remote_part);
+        // The deliveries are done; recording them is not the lanes' business.
+        drop(admitted);
         attempts.extend(remote_attempts);
         job.preloaded = None;
         // Either part reads the content again if the other failed to; with none, neither
         // part delivered anything, and there is nothing to record.
         let Some(content) = content.into_inner() else {
-            queue.schedule(job, now + self.config.retry_initial);
+            queue.schedule(job, SystemTime::now() + self.config.retry_initial);
             return;
         };
         // Boxed: the attempt's state while it waits for its slots stays small.

@@ -1,5 +1,6 @@
 //! Postilion, a mail transfer agent.
 
+mod admission;
 mod auth;
 mod config;
 mod conn;

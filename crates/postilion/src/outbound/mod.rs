@@ -99,6 +99,10 @@ impl Outbound {
         self.config.concurrency
     }
 
+    pub fn destination_concurrency(&self) -> usize {
+        self.config.destination_concurrency
+    }
+
     pub fn max_recipients(&self) -> usize {
         self.config.max_recipients
     }
