@@ -80,6 +80,17 @@ impl<J> Admission<J> {
         self.advance(Waiting { job, lanes, held: 0 })
     }
 
+    /// Admits a job at once, counted in its lanes even past their limit: for a job whose
+    /// parts must not wait for each other's lanes (see the caller).
+    pub fn admit_now(&mut self, mut lanes: Vec<Lane>) -> Vec<Lane> {
+        lanes.sort_unstable();
+        lanes.dedup();
+        for lane in &lanes {
+            *self.taken.entry(lane.clone()).or_insert(0) += 1;
+        }
+        lanes
+    }
+
     /// Takes places in the job's lanes from `held` on, or queues it at the first lane without
     /// room. A lane has jobs queued only while it is full ([`Admission::release`] admits them
     /// as places free), so a newcomer never passes them.
@@ -227,6 +238,19 @@ mod tests {
         assert_eq!(ids(admission.release(&[mailbox("b")])), vec![2]);
         assert_eq!(ids(admission.release(&[mailbox("b")])), vec![3]);
         assert_eq!(ids(admission.release(&[mailbox("a")])), vec![5]);
+    }
+
+    #[test]
+    fn a_job_admitted_at_once_counts_in_its_lanes() {
+        let mut admission = admission();
+        admission.offer(0, vec![mailbox("a")]);
+        let lanes = admission.admit_now(vec![mailbox("a"), domain("d"), mailbox("a")]);
+        assert_eq!(lanes, vec![mailbox("a"), domain("d")]);
+        let lanes_2 = admission.admit_now(vec![mailbox("a")]);
+        // "a" holds three now, over its limit: a newcomer waits until two have left.
+        assert!(admission.offer(1, vec![mailbox("a")]).is_none());
+        assert!(admission.release(&lanes).is_empty());
+        assert_eq!(ids(admission.release(&lanes_2)), vec![1]);
     }
 
     #[test]

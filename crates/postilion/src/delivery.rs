@@ -342,7 +342,12 @@ pub fn start(
                             continue;
                         };
                         let lanes = plan.lanes(&job);
-                        if let Some((job, lanes)) = admission.offer((job, plan), lanes) {
+                        if !plan.local.is_empty() && !plan.remote.is_empty() {
+                            // Its local and remote parts wait for their own slots, neither
+                            // for the other's: it cannot wait here for its lanes either.
+                            let lanes = admission.admit_now(lanes);
+                            spawn(&mut running, (job, plan), lanes);
+                        } else if let Some((job, lanes)) = admission.offer((job, plan), lanes) {
                             spawn(&mut running, job, lanes);
                         }
                     }
