@@ -3,7 +3,11 @@
 //! Message content lives in its own table so that listing the queue never reads the blobs;
 //! large bodies live in segment files and the `body` table says where (see `segments`).
 //! Recipient states are plain columns (not JSON) so an operator can query them with the
-//! `sqlite3` shell, e.g. `SELECT * FROM recipient WHERE status = 'deferred'`.
+//! `sqlite3` shell, e.g. `SELECT * FROM recipient WHERE status = 'deferred'`. A message
+//! stored with every recipient pending keeps them in `message.recipients` (JSON) instead,
+//! until the first outcome that does not remove it moves them to the recipient table: most
+//! mail is delivered at the first attempt and removed, and a row per recipient written,
+//! indexed and deleted again cost the spool a quarter of the pages it wrote per message.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -24,8 +28,9 @@ use crate::{
 /// as JSON); it was never released and is not migrated. Version 2 lacked
 /// `recipient.delay_notified`, which [`MIGRATE_2_TO_3`] adds; version 3 lacked the `body`
 /// table, which [`MIGRATE_3_TO_4`] adds; version 4 checked `recipient.status` with `IN`,
-/// which [`MIGRATE_4_TO_5`] replaces.
-const SCHEMA_VERSION: i32 = 5;
+/// which [`MIGRATE_4_TO_5`] replaces; version 5 lacked `message.recipients`, which
+/// [`MIGRATE_5_TO_6`] adds.
+const SCHEMA_VERSION: i32 = 6;
 
 /// Upgrades a version 2 spool in place: no recipient of it has had a delay notice.
 const MIGRATE_2_TO_3: &str =
@@ -87,13 +92,17 @@ const MIGRATE_4_TO_5: &str = concat!(
 "
 );
 
+/// Upgrades a version 5 spool in place: its recipients are all in the recipient table.
+const MIGRATE_5_TO_6: &str = "ALTER TABLE message ADD COLUMN recipients TEXT;";
+
 const SCHEMA: &str = concat!(
     "
     CREATE TABLE message (
         id          INTEGER PRIMARY KEY,   -- QueueId
         envelope    TEXT NOT NULL,         -- JSON, see StoredEnvelope
         size        INTEGER NOT NULL,      -- octets of content
-        received_at INTEGER NOT NULL       -- Unix milliseconds
+        received_at INTEGER NOT NULL,      -- Unix milliseconds
+        recipients  TEXT                   -- JSON, see InlineRecipient; NULL: in `recipient`
     );
     CREATE TABLE content (
         id   INTEGER PRIMARY KEY,          -- message.id; bodies up to segments::INLINE_LIMIT
@@ -118,14 +127,17 @@ pub(crate) fn migrate(connection: &Connection) -> Result<(), SpoolError> {
                 connection.execute_batch(MIGRATE_3_TO_4).context(context)?;
                 connection.pragma_update(None, "user_version", SCHEMA_VERSION).context(context)
             }
-            2..=4 => {
+            2..=5 => {
                 if version == 2 {
                     connection.execute_batch(MIGRATE_2_TO_3).context(context)?;
                 }
                 if version <= 3 {
                     connection.execute_batch(MIGRATE_3_TO_4).context(context)?;
                 }
-                connection.execute_batch(MIGRATE_4_TO_5).context(context)?;
+                if version <= 4 {
+                    connection.execute_batch(MIGRATE_4_TO_5).context(context)?;
+                }
+                connection.execute_batch(MIGRATE_5_TO_6).context(context)?;
                 connection.pragma_update(None, "user_version", SCHEMA_VERSION).context(context)
             }
             SCHEMA_VERSION => Ok(()),
@@ -191,16 +203,30 @@ pub(crate) fn store(
         serde_json::to_string(&StoredEnvelope::from(&message.envelope)).map_err(|e| {
             SpoolError::Corrupt(format!("encoding the envelope of {}: {e}", message.id))
         })?;
+    let all_pending = !message.recipients.is_empty()
+        && message.recipients.iter().all(|recipient| recipient.status == RecipientStatus::Pending);
+    let inline = match all_pending {
+        true => {
+            let inline: Vec<InlineRecipient> =
+                message.recipients.iter().map(InlineRecipient::from).collect();
+            Some(serde_json::to_string(&inline).map_err(|e| {
+                SpoolError::Corrupt(format!("encoding the recipients of {}: {e}", message.id))
+            })?)
+        }
+        false => None,
+    };
     connection
         .prepare_cached(
-            "INSERT INTO message (id, envelope, size, received_at) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO message (id, envelope, size, received_at, recipients)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .and_then(|mut insert| {
             insert.execute(params![
                 id,
                 envelope,
                 message.content.len() as i64,
-                sql_millis(message.envelope.received_at)
+                sql_millis(message.envelope.received_at),
+                inline,
             ])
         })
         .context(context)?;
@@ -217,6 +243,19 @@ pub(crate) fn store(
             }),
     }
     .context(context)?;
+    if !all_pending {
+        insert_recipients(connection, message.id, &message.recipients)?;
+    }
+    Ok(())
+}
+
+/// Writes a message's recipients into the recipient table.
+fn insert_recipients(
+    connection: &Connection,
+    id: QueueId,
+    recipients: &[Recipient],
+) -> Result<(), SpoolError> {
+    let context = || format!("storing the recipients of message {id}");
     let mut insert = connection
         .prepare_cached(
             "INSERT INTO recipient (message_id, idx, address, original, notify, orcpt_type,
@@ -225,11 +264,11 @@ pub(crate) fn store(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )
         .context(context)?;
-    for (index, recipient) in message.recipients.iter().enumerate() {
+    for (index, recipient) in recipients.iter().enumerate() {
         let status = StatusColumns::from(&recipient.status);
         insert
             .execute(params![
-                id,
+                sql_id(id),
                 index as i64,
                 recipient.address,
                 recipient.original,
@@ -256,12 +295,21 @@ pub(crate) fn update_recipients(
     updates: &[(usize, RecipientStatus)],
 ) -> Result<(), SpoolError> {
     let context = || format!("updating the recipients of message {id}");
-    let exists = connection
-        .prepare_cached("SELECT 1 FROM message WHERE id = ?1")
-        .and_then(|mut select| select.query_row([sql_id(id)], |_| Ok(())).optional())
-        .context(context)?;
-    if exists.is_none() {
-        return Err(SpoolError::NotFound(id));
+    let inline = connection
+        .prepare_cached("SELECT recipients FROM message WHERE id = ?1")
+        .and_then(|mut select| {
+            select.query_row([sql_id(id)], |row| row.get::<_, Option<String>>(0)).optional()
+        })
+        .context(context)?
+        .ok_or(SpoolError::NotFound(id))?;
+    // The first outcome that keeps the message moves its recipients to the recipient table.
+    if let Some(inline) = inline {
+        let recipients = decode_inline(id, &inline)?;
+        insert_recipients(connection, id, &recipients)?;
+        connection
+            .prepare_cached("UPDATE message SET recipients = NULL WHERE id = ?1")
+            .and_then(|mut update| update.execute([sql_id(id)]))
+            .context(context)?;
     }
     // attempts: NULL keeps the count, see the schema.
     let mut update = connection
@@ -388,7 +436,7 @@ pub(crate) fn list(connection: &mut Connection) -> Result<Vec<QueuedMessage>, Sp
     let mut messages = Vec::new();
     {
         let mut select = snapshot
-            .prepare("SELECT id, envelope, size, received_at FROM message ORDER BY id")
+            .prepare("SELECT id, envelope, size, received_at, recipients FROM message ORDER BY id")
             .context(context)?;
         let mut rows = select.query([]).context(context)?;
         while let Some(row) = rows.next().context(context)? {
@@ -405,10 +453,16 @@ pub(crate) fn list(connection: &mut Connection) -> Result<Vec<QueuedMessage>, Sp
     let mut rows = select.query([]).context(context)?;
     while let Some(row) = rows.next().context(context)? {
         let (id, index, recipient) = decode_recipient(row)?;
-        let position = messages.binary_search_by_key(&id, |message| message.id).map_err(|_| {
-            SpoolError::Corrupt(format!("recipient {index} of missing message {id}"))
-        })?;
-        let recipients = &mut messages[position].recipients;
+        let position =
+            messages.binary_search_by_key(&id, |listed| listed.message.id).map_err(|_| {
+                SpoolError::Corrupt(format!("recipient {index} of missing message {id}"))
+            })?;
+        if messages[position].inline_recipients {
+            return Err(SpoolError::Corrupt(format!(
+                "message {id} has recipients both inline and in the recipient table"
+            )));
+        }
+        let recipients = &mut messages[position].message.recipients;
         // update_recipients addresses recipients by index, so there must be no gaps.
         if index != recipients.len() as i64 {
             return Err(SpoolError::Corrupt(format!(
@@ -418,10 +472,17 @@ pub(crate) fn list(connection: &mut Connection) -> Result<Vec<QueuedMessage>, Sp
         }
         recipients.push(recipient);
     }
-    Ok(messages)
+    Ok(messages.into_iter().map(|listed| listed.message).collect())
 }
 
-fn decode_message(row: &Row<'_>) -> Result<QueuedMessage, SpoolError> {
+/// A message row as listed: whether its recipients were inline (and so must not be in the
+/// recipient table too).
+struct Listed {
+    message: QueuedMessage,
+    inline_recipients: bool,
+}
+
+fn decode_message(row: &Row<'_>) -> Result<Listed, SpoolError> {
     let context = || "reading a message row".to_string();
     let id = QueueId(row.get::<_, i64>(0).context(context)? as u64);
     let envelope: String = row.get(1).context(context)?;
@@ -430,12 +491,71 @@ fn decode_message(row: &Row<'_>) -> Result<QueuedMessage, SpoolError> {
     let corrupt = |what: String| SpoolError::Corrupt(format!("message {id}: {what}"));
     let stored: StoredEnvelope =
         serde_json::from_str(&envelope).map_err(|e| corrupt(format!("envelope: {e}")))?;
-    Ok(QueuedMessage {
-        id,
-        envelope: stored.into_envelope(received_at).map_err(corrupt)?,
-        recipients: Vec::new(),
-        size: u64::try_from(size).map_err(|_| corrupt(format!("negative size {size}")))?,
+    let inline: Option<String> = row.get(4).context(context)?;
+    let recipients = match &inline {
+        Some(inline) => decode_inline(id, inline)?,
+        None => Vec::new(),
+    };
+    Ok(Listed {
+        message: QueuedMessage {
+            id,
+            envelope: stored.into_envelope(received_at).map_err(corrupt)?,
+            recipients,
+            size: u64::try_from(size).map_err(|_| corrupt(format!("negative size {size}")))?,
+        },
+        inline_recipients: inline.is_some(),
     })
+}
+
+/// A pending recipient as stored in `message.recipients`: the recipient table's columns
+/// that a pending recipient has.
+#[derive(Serialize, Deserialize)]
+struct InlineRecipient {
+    address: String,
+    original: String,
+    notify: Option<String>,
+    orcpt_type: Option<String>,
+    orcpt_address: Option<String>,
+}
+
+impl From<&Recipient> for InlineRecipient {
+    fn from(recipient: &Recipient) -> InlineRecipient {
+        InlineRecipient {
+            address: recipient.address.clone(),
+            original: recipient.original.clone(),
+            notify: recipient.notify.map(|notify| notify.to_string()),
+            orcpt_type: recipient.orcpt.as_ref().map(|orcpt| orcpt.addr_type.clone()),
+            orcpt_address: recipient.orcpt.as_ref().map(|orcpt| orcpt.address.clone()),
+        }
+    }
+}
+
+/// The recipients in `message.recipients`, all pending.
+fn decode_inline(id: QueueId, inline: &str) -> Result<Vec<Recipient>, SpoolError> {
+    let corrupt = |what: String| SpoolError::Corrupt(format!("recipients of message {id}: {what}"));
+    let stored: Vec<InlineRecipient> =
+        serde_json::from_str(inline).map_err(|e| corrupt(e.to_string()))?;
+    if stored.is_empty() {
+        return Err(corrupt("none".into()));
+    }
+    stored
+        .into_iter()
+        .map(|stored| {
+            let notify = stored.notify.as_deref().map(parse_notify).transpose().map_err(corrupt)?;
+            let orcpt = match (stored.orcpt_type, stored.orcpt_address) {
+                (Some(addr_type), Some(address)) => Some(OriginalRecipient { addr_type, address }),
+                (None, None) => None,
+                _ => return Err(corrupt("half an ORCPT".into())),
+            };
+            Ok(Recipient {
+                address: stored.address,
+                original: stored.original,
+                notify,
+                orcpt,
+                status: RecipientStatus::Pending,
+            })
+        })
+        .collect()
 }
 
 /// A row of the recipient table: the message id, the index and the recipient.

@@ -388,7 +388,10 @@ fn a_version_2_spool_is_upgraded_in_place() {
     // Turn the database back into the version 2 layout.
     let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
     connection
-        .execute_batch("ALTER TABLE recipient DROP COLUMN delay_notified; DROP TABLE body")
+        .execute_batch(
+            "ALTER TABLE recipient DROP COLUMN delay_notified; DROP TABLE body;
+             ALTER TABLE message DROP COLUMN recipients",
+        )
         .unwrap();
     connection.pragma_update(None, "user_version", 2).unwrap();
     drop(connection);
@@ -411,7 +414,10 @@ fn a_version_2_spool_is_upgraded_in_place() {
 fn a_version_4_spool_gets_the_new_status_check() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
-    let stored = message(b"kept across the upgrade");
+    let mut stored = message(b"kept across the upgrade");
+    // Not all pending: stored in the recipient table, as every version before 6 did.
+    stored.recipients[0].status =
+        RecipientStatus::Delivered { at: millis(7_000), detail: "250 ok".into() };
     let spool = SqliteSpool::open(dir.path()).unwrap();
     rt.block_on(spool.store(stored.clone())).unwrap();
     spool.close().unwrap();
@@ -435,7 +441,8 @@ fn a_version_4_spool_gets_the_new_status_check() {
     connection
         .execute_batch(&format!(
             "{old}; INSERT INTO recipient_4 SELECT * FROM recipient; DROP TABLE recipient;
-             ALTER TABLE recipient_4 RENAME TO recipient"
+             ALTER TABLE recipient_4 RENAME TO recipient;
+             ALTER TABLE message DROP COLUMN recipients"
         ))
         .unwrap();
     connection.pragma_update(None, "user_version", 4).unwrap();
@@ -449,7 +456,7 @@ fn a_version_4_spool_gets_the_new_status_check() {
     let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
     let version: i32 =
         connection.pragma_query_value(None, "user_version", |row| row.get(0)).unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     assert!(!table_sql(&connection).contains(" IN ("));
     // The check still holds.
     let bogus = connection.execute(
@@ -457,6 +464,106 @@ fn a_version_4_spool_gets_the_new_status_check() {
         [stored.id.0 as i64],
     );
     assert!(bogus.is_err(), "{bogus:?}");
+}
+
+/// Where a message's recipients are: inline (the JSON, `None` if NULL) and how many rows.
+fn recipients_stored(dir: &Path, id: QueueId) -> (Option<String>, i64) {
+    let connection = rusqlite::Connection::open(dir.join("queue.db")).unwrap();
+    let inline = connection
+        .query_row("SELECT recipients FROM message WHERE id = ?1", [id.0 as i64], |row| row.get(0))
+        .unwrap();
+    let rows = connection
+        .query_row("SELECT count(*) FROM recipient WHERE message_id = ?1", [id.0 as i64], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    (inline, rows)
+}
+
+#[test]
+fn pending_recipients_stay_inline_until_an_outcome_keeps_the_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let mut stored = message(b"inline");
+    // Without NOTIFY and ORCPT (the other one has both).
+    stored.recipients[1].notify = None;
+    stored.recipients[1].orcpt = None;
+    rt.block_on(spool.store(stored.clone())).unwrap();
+    let delivered_at_once = message(b"delivered at the first attempt");
+    rt.block_on(spool.store(delivered_at_once.clone())).unwrap();
+    let (inline, rows) = recipients_stored(dir.path(), stored.id);
+    assert!(inline.is_some() && rows == 0, "{inline:?} {rows}");
+    assert_eq!(
+        rt.block_on(spool.list()).unwrap(),
+        vec![queued(&stored), queued(&delivered_at_once)]
+    );
+
+    // Removed at once: no row was ever written for it.
+    rt.block_on(spool.remove(delivered_at_once.id)).unwrap();
+    // An outcome that keeps the message moves its recipients to the table.
+    let deferred = RecipientStatus::Deferred {
+        attempts: 1,
+        next_attempt: millis(60_000),
+        last_error: "451 4.4.1 no answer".into(),
+        delay_notified: false,
+    };
+    rt.block_on(spool.update_recipients(stored.id, vec![(1, deferred.clone())])).unwrap();
+    let (inline, rows) = recipients_stored(dir.path(), stored.id);
+    assert!(inline.is_none() && rows == 2, "{inline:?} {rows}");
+    let mut expected = queued(&stored);
+    expected.recipients[1].status = deferred;
+    assert_eq!(rt.block_on(spool.list()).unwrap(), vec![expected.clone()]);
+    // An index past the end fails whether the recipients were inline or not.
+    let fresh = message(b"fresh");
+    rt.block_on(spool.store(fresh.clone())).unwrap();
+    for id in [stored.id, fresh.id] {
+        let missing = rt.block_on(spool.update_recipients(id, vec![(2, RecipientStatus::Pending)]));
+        assert!(
+            matches!(missing, Err(SpoolError::NoSuchRecipient { index: 2, .. })),
+            "{missing:?}"
+        );
+    }
+    // The failed update of the fresh message undid its move.
+    assert_eq!(recipients_stored(dir.path(), fresh.id).1, 0);
+    assert_eq!(rt.block_on(spool.list()).unwrap(), vec![expected, queued(&fresh)]);
+    rt.block_on(spool.remove(stored.id)).unwrap();
+    assert_eq!(recipients_stored_count(dir.path()), 0);
+    spool.close().unwrap();
+    assert_eq!(integrity_check(dir.path()), "ok");
+}
+
+fn recipients_stored_count(dir: &Path) -> i64 {
+    let connection = rusqlite::Connection::open(dir.join("queue.db")).unwrap();
+    connection.query_row("SELECT count(*) FROM recipient", [], |row| row.get(0)).unwrap()
+}
+
+#[test]
+fn a_version_5_spool_keeps_its_recipient_rows_and_stores_new_mail_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let mut old = message(b"stored by version 5");
+    old.recipients[0].status =
+        RecipientStatus::Failed { at: millis(3_000), error: "550 no".into() };
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    rt.block_on(spool.store(old.clone())).unwrap();
+    spool.close().unwrap();
+    let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    connection.execute_batch("ALTER TABLE message DROP COLUMN recipients").unwrap();
+    connection.pragma_update(None, "user_version", 5).unwrap();
+    drop(connection);
+
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let new = message(b"stored by version 6");
+    rt.block_on(spool.store(new.clone())).unwrap();
+    assert_eq!(rt.block_on(spool.list()).unwrap(), vec![queued(&old), queued(&new)]);
+    assert_eq!(recipients_stored(dir.path(), old.id), (None, 2));
+    assert_eq!(recipients_stored(dir.path(), new.id).1, 0);
+    spool.close().unwrap();
+    let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    let version: i32 =
+        connection.pragma_query_value(None, "user_version", |row| row.get(0)).unwrap();
+    assert_eq!(version, 6);
 }
 
 #[test]
