@@ -113,6 +113,14 @@ fn main() -> anyhow::Result<()> {
                         let account = privileges::lookup(user)?;
                         create_private_dir(&config.data_dir)?;
                         privileges::hand_over(&config.data_dir, account)?;
+                        if let Err(error) =
+                            privileges::allow_priority_boost(spool::THREAD_PRIORITY_BOOST)
+                        {
+                            info!(
+                                error = format!("{error:#}"),
+                                "the spool threads will run at the server's priority"
+                            );
+                        }
                         // Before the runtime starts any thread.
                         privileges::become_user(account)?;
                         info!(user = %user, uid = account.uid, gid = account.gid, "privileges dropped");

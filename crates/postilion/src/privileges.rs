@@ -9,7 +9,10 @@ use anyhow::{Context, bail};
 use std::os::fd::OwnedFd;
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, chownat, fchown, fstat, open, openat};
-use rustix::process::{Gid, Uid, getegid, geteuid, getgid, getuid};
+use rustix::process::{
+    Gid, Resource, Rlimit, Uid, getegid, geteuid, getgid, getpriority_process, getrlimit, getuid,
+    setrlimit,
+};
 use rustix::thread::{set_thread_groups, set_thread_res_gid, set_thread_res_uid};
 
 /// A user to become.
@@ -105,6 +108,22 @@ fn hand_over_dir(dir: &OwnedFd, account: Account, depth: usize) -> anyhow::Resul
         }
     }
     Ok(())
+}
+
+/// Lets the process, once it is no longer root, run threads up to `levels` nice levels
+/// above its own priority (it raises `RLIMIT_NICE`, which needs root with
+/// `CAP_SYS_RESOURCE`; some containers' root lacks it). The spool's writer and sync threads
+/// ask for that (see [`spool::THREAD_PRIORITY_BOOST`]).
+pub fn allow_priority_boost(levels: i32) -> anyhow::Result<()> {
+    let nice = getpriority_process(None).context("reading the process's nice value")?;
+    // RLIMIT_NICE allows nice values down to 20 - limit.
+    let needed = u64::try_from(20 - (nice - levels).max(-20)).unwrap_or(0);
+    let limit = getrlimit(Resource::Nice);
+    let raised = Rlimit {
+        current: Some(limit.current.map_or(needed, |current| current.max(needed))),
+        maximum: limit.maximum.map(|maximum| maximum.max(needed)),
+    };
+    setrlimit(Resource::Nice, raised).context("raising RLIMIT_NICE")
 }
 
 /// Becomes `account` for good: supplementary groups, then group, then user (in that order:

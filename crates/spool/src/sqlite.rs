@@ -113,7 +113,10 @@ impl SqliteSpool {
         let (requests, receiver) = mpsc::channel();
         let writer = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer.run(receiver))
+            .spawn(move || {
+                crate::writer::raise_thread_priority();
+                writer.run(receiver)
+            })
             .context(|| "starting the spool writer thread".into())?;
         Ok(SqliteSpool {
             requests: Some(requests),

@@ -40,6 +40,18 @@ const LAZY_SYNC_DELAY: Duration = Duration::from_secs(1);
 /// instead of writing the same pages once each. A request that needs an fsync ends the wait.
 const LAZY_LINGER: Duration = Duration::from_millis(10);
 
+/// Runs the calling thread [`THREAD_PRIORITY_BOOST`](crate::THREAD_PRIORITY_BOOST) nice
+/// levels above the rest of the process, where the system allows it. Linux: the "process" of
+/// getpriority(2) and setpriority(2) is the calling thread here.
+pub(crate) fn raise_thread_priority() {
+    let raised = rustix::process::getpriority_process(None).and_then(|nice| {
+        rustix::process::setpriority_process(None, (nice - crate::THREAD_PRIORITY_BOOST).max(-20))
+    });
+    if let Err(error) = raised {
+        debug!(%error, "spool thread keeps the server's priority (no CAP_SYS_NICE or RLIMIT_NICE)");
+    }
+}
+
 pub(crate) enum Operation {
     Store(NewMessage),
     StoreAll(Vec<NewMessage>),
@@ -780,6 +792,7 @@ impl Syncer {
         let thread = std::thread::Builder::new()
             .name("spool-sync".into())
             .spawn(move || {
+                raise_thread_priority();
                 while let Ok(mut replies) = receiver.recv() {
                     while let Ok(more) = receiver.try_recv() {
                         replies.extend(more);
