@@ -373,11 +373,35 @@ def thread_niceness(pid):
 SPOOL_BOOSTED = {"spool-writer", "spool-sync"}
 
 
+def may_lower_nice(levels):
+    """Whether a process like this one may lower its nice value by `levels` (root with
+    CAP_SYS_NICE may; some containers' root may not)."""
+    import subprocess
+    import sys
+
+    probe = f"import os; os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0) - {levels}, -20))"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+def may_raise_nice_limit(levels):
+    """Whether a process like this one may raise RLIMIT_NICE far enough for its threads to
+    lower their nice value by `levels` once it is no longer root (needs CAP_SYS_RESOURCE)."""
+    import subprocess
+    import sys
+
+    needed = 20 - max(os.getpriority(os.PRIO_PROCESS, 0) - levels, -20)
+    probe = (
+        "import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NICE); "
+        f"inf = resource.RLIM_INFINITY; resource.setrlimit(resource.RLIMIT_NICE, "
+        f"(soft if soft == inf else max(soft, {needed}), hard if hard == inf else max(hard, {needed})))"
+    )
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
 def test_maildir_writers_run_below_and_the_spool_threads_above_the_sessions(start_server):
     """The threads that write Maildir copies run 10 nice levels below the rest of the server
     (README, Delivery), and mail still arrives through them; the spool's writer and sync
-    threads, which every acknowledgement waits for, 5 above, where the system allows it
-    (root may; the test command runs as root)."""
+    threads, which every acknowledgement waits for, 5 above, where the system allows it."""
     server = start_server(delivery={"workers": 3})
     with smtplib.SMTP("127.0.0.1", server.port()) as client:
         client.sendmail("a@example.org", ["nice@localhost"], b"Subject: n\r\n\r\nx\r\n")
@@ -387,7 +411,7 @@ def test_maildir_writers_run_below_and_the_spool_threads_above_the_sessions(star
     writers = {name: nice for name, nice in niceness.items() if name.startswith("maildir-")}
     assert sorted(writers) == ["maildir-0", "maildir-1", "maildir-2"], niceness
     assert all(nice == {min(base + 10, 19)} for nice in writers.values()), niceness
-    boosted = max(base - 5, -20) if os.geteuid() == 0 else base
+    boosted = max(base - 5, -20) if may_lower_nice(5) else base
     assert {name: niceness.get(name) for name in SPOOL_BOOSTED} == {name: {boosted} for name in SPOOL_BOOSTED}, niceness
     others = {
         name: nice for name, nice in niceness.items() if not name.startswith("maildir-") and name not in SPOOL_BOOSTED
@@ -472,11 +496,7 @@ def test_root_binds_a_low_port_then_runs_as_the_configured_user(start_server):
         # RLIMIT_NICE, raised before the drop, still lets the spool threads run higher; where
         # root may not raise it (no CAP_SYS_RESOURCE, as in some containers), they run at the
         # server's priority and the log says why.
-        import subprocess
-        import sys
-
-        probe = "import resource; resource.setrlimit(resource.RLIMIT_NICE, (25, 25))"
-        may_raise = subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+        may_raise = may_raise_nice_limit(5)
         base_nice = os.getpriority(os.PRIO_PROCESS, 0)
         expected = max(base_nice - 5, -20) if may_raise else base_nice
         niceness = thread_niceness(server.pid)

@@ -3,19 +3,26 @@
 //! A delivery task that waits for its slots costs far more than the job it carries: the
 //! task's state, the waiters it registers, and memory the allocator takes fresh from the
 //! kernel for every one of them. A burst of mail into one mailbox would leave thousands of
-//! such tasks waiting behind the mailbox's two slots. So each job has lanes (its mailboxes,
-//! or its destination domains), each lane admits a few more jobs than it has slots (the
-//! ones waiting are ready the moment a slot frees), and the rest wait here, in order, per
-//! lane. A flooded lane holds back only its own jobs, as with Postfix's per-destination
-//! queues.
+//! such tasks waiting behind the mailbox's two slots. So a job that delivers in one lane
+//! only (one mailbox, or one remote domain) waits here, in order, while its lane has as many
+//! tasks as it admits: a few more than the lane's slots, so that the waiting ones are ready
+//! the moment a slot frees. A flooded lane holds back only its own jobs, as with Postfix's
+//! per-destination queues.
+//!
+//! A job for several lanes (several mailboxes or domains, or local and remote recipients)
+//! does not wait here: holding a place in one lane while waiting for another would hold up
+//! that lane's other jobs, and releasing one lane's place before the job's other deliveries
+//! are done is not possible from here. It gets its task at once and waits for its slots
+//! there, as every job did before ([`crate::slots::KeyedSlots::acquire_all`] then takes its
+//! mailboxes all or nothing).
 //!
 //! The lanes bound how many tasks wait; they are not the delivery limits themselves, which
-//! the tasks still take ([`crate::slots::KeyedSlots`] and the worker semaphores).
+//! the tasks still take.
 
 use std::collections::{HashMap, VecDeque};
 
 /// A stream of deliveries that is limited on its own.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Lane {
     /// A local mailbox, by name.
     Mailbox(String),
@@ -29,35 +36,19 @@ pub struct LaneLimits {
     pub domain: usize,
 }
 
-/// A job waiting for room: its lanes in order, and how many of them it holds a place in.
-struct Waiting<J> {
-    job: J,
-    lanes: Vec<Lane>,
-    held: usize,
-}
-
-/// The admission state: places taken per lane, and the jobs waiting behind full lanes.
+/// The admission state: tasks running per lane, and the jobs waiting for one to end.
 ///
-/// A job takes a place in each of its lanes in their order, and waits in the queue of the
-/// first one without room holding the places it has: a job for two lanes is never passed
-/// over for ever while jobs for one of them come and go, and as every job takes its lanes
-/// in the same order, no two jobs wait for each other.
+/// A lane has jobs waiting only while it is full: [`Admission::release`] admits the first
+/// waiting job as soon as a task leaves, so a newcomer never passes them.
 pub struct Admission<J> {
     limits: LaneLimits,
-    taken: HashMap<Lane, usize>,
-    waiting: HashMap<Lane, VecDeque<Waiting<J>>>,
-    waiting_count: usize,
+    running: HashMap<Lane, usize>,
+    waiting: HashMap<Lane, VecDeque<J>>,
 }
 
 impl<J> Admission<J> {
     pub fn new(limits: LaneLimits) -> Admission<J> {
-        Admission { limits, taken: HashMap::new(), waiting: HashMap::new(), waiting_count: 0 }
-    }
-
-    /// Jobs waiting here for room in a lane.
-    #[cfg(test)]
-    fn waiting(&self) -> usize {
-        self.waiting_count
+        Admission { limits, running: HashMap::new(), waiting: HashMap::new() }
     }
 
     fn limit(&self, lane: &Lane) -> usize {
@@ -67,71 +58,43 @@ impl<J> Admission<J> {
         }
     }
 
-    fn has_room(&self, lane: &Lane) -> bool {
-        self.taken.get(lane).copied().unwrap_or(0) < self.limit(lane)
-    }
-
-    /// A job with `lanes` asks for a task: returned with its lanes (sorted, each named once)
-    /// to be run now, or `None`: it waits, to come back from [`Admission::release`]. A job
-    /// with no lanes is always admitted.
-    pub fn offer(&mut self, job: J, mut lanes: Vec<Lane>) -> Option<(J, Vec<Lane>)> {
-        lanes.sort_unstable();
-        lanes.dedup();
-        self.advance(Waiting { job, lanes, held: 0 })
-    }
-
-    /// Admits a job at once, counted in its lanes even past their limit: for a job whose
-    /// parts must not wait for each other's lanes (see the caller).
-    pub fn admit_now(&mut self, mut lanes: Vec<Lane>) -> Vec<Lane> {
-        lanes.sort_unstable();
-        lanes.dedup();
-        for lane in &lanes {
-            *self.taken.entry(lane.clone()).or_insert(0) += 1;
+    /// A job for `lane` asks for a task: returned to be run now (counted in the lane), or
+    /// `None`: it waits, to come back from [`Admission::release`].
+    pub fn offer(&mut self, job: J, lane: &Lane) -> Option<J> {
+        let running = self.running.get(lane).copied().unwrap_or(0);
+        if running >= self.limit(lane) {
+            self.waiting.entry(lane.clone()).or_default().push_back(job);
+            return None;
         }
-        lanes
+        self.running.insert(lane.clone(), running + 1);
+        Some(job)
     }
 
-    /// Takes places in the job's lanes from `held` on, or queues it at the first lane without
-    /// room. A lane has jobs queued only while it is full ([`Admission::release`] admits them
-    /// as places free), so a newcomer never passes them.
-    fn advance(&mut self, mut waiting: Waiting<J>) -> Option<(J, Vec<Lane>)> {
-        while let Some(lane) = waiting.lanes.get(waiting.held) {
-            if !self.has_room(lane) {
-                let lane = lane.clone();
-                self.waiting.entry(lane).or_default().push_back(waiting);
-                self.waiting_count += 1;
-                return None;
+    /// A task admitted for `lane` has ended: the first job waiting there, if any, runs now
+    /// in its place.
+    pub fn release(&mut self, lane: &Lane) -> Option<J> {
+        if let Some(queue) = self.waiting.get_mut(lane)
+            && let Some(job) = queue.pop_front()
+        {
+            if queue.is_empty() {
+                self.waiting.remove(lane);
             }
-            *self.taken.entry(lane.clone()).or_insert(0) += 1;
-            waiting.held += 1;
+            // It takes the place just left: the count stays.
+            return Some(job);
         }
-        Some((waiting.job, waiting.lanes))
-    }
-
-    /// A task admitted with `lanes` has left them. Returns the waiting jobs that may run now,
-    /// already counted in their lanes, in the order they queued per lane.
-    pub fn release(&mut self, lanes: &[Lane]) -> Vec<(J, Vec<Lane>)> {
-        let mut admitted = Vec::new();
-        for lane in lanes {
-            if let Some(count) = self.taken.get_mut(lane) {
-                *count -= 1;
-                if *count == 0 {
-                    self.taken.remove(lane);
-                }
-            }
-            while self.has_room(lane) {
-                let Some(queue) = self.waiting.get_mut(lane) else { break };
-                let Some(next) = queue.pop_front() else { break };
-                if queue.is_empty() {
-                    self.waiting.remove(lane);
-                }
-                self.waiting_count -= 1;
-                if let Some(found) = self.advance(next) {
-                    admitted.push(found);
-                }
+        if let Some(running) = self.running.get_mut(lane) {
+            *running -= 1;
+            if *running == 0 {
+                self.running.remove(lane);
             }
         }
-        admitted
+        None
+    }
+
+    /// Jobs waiting for a lane.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.waiting.values().map(VecDeque::len).sum()
     }
 }
 
@@ -151,114 +114,53 @@ mod tests {
         Admission::new(LaneLimits { mailbox: 2, domain: 3 })
     }
 
-    fn ids(admitted: Vec<(u32, Vec<Lane>)>) -> Vec<u32> {
-        admitted.into_iter().map(|(job, _)| job).collect()
-    }
-
     #[test]
-    fn a_lane_admits_its_limit_and_parks_the_rest_in_order() {
+    fn a_lane_admits_its_limit_and_the_rest_wait_in_order() {
         let mut admission = admission();
+        let a = mailbox("a");
         for job in 0..2 {
-            assert!(admission.offer(job, vec![mailbox("a")]).is_some());
+            assert_eq!(admission.offer(job, &a), Some(job));
         }
         for job in 2..5 {
-            assert!(admission.offer(job, vec![mailbox("a")]).is_none());
+            assert_eq!(admission.offer(job, &a), None);
         }
         assert_eq!(admission.waiting(), 3);
-        assert_eq!(ids(admission.release(&[mailbox("a")])), vec![2]);
-        assert_eq!(ids(admission.release(&[mailbox("a")])), vec![3]);
-        assert_eq!(ids(admission.release(&[mailbox("a")])), vec![4]);
+        assert_eq!(admission.release(&a), Some(2));
+        assert_eq!(admission.release(&a), Some(3));
+        assert_eq!(admission.release(&a), Some(4));
         assert_eq!(admission.waiting(), 0);
-        assert!(admission.release(&[mailbox("a")]).is_empty());
+        // Two tasks still run: the lane has room again only as they end.
+        assert_eq!(admission.offer(5, &a), None);
+        assert_eq!(admission.release(&a), Some(5));
+        assert_eq!(admission.release(&a), None);
+        assert_eq!(admission.release(&a), None);
+        assert!(admission.running.is_empty() && admission.waiting.is_empty());
+        assert_eq!(admission.offer(6, &a), Some(6));
     }
 
     #[test]
     fn a_full_lane_holds_back_only_its_own_jobs() {
         let mut admission = admission();
         for job in 0..10 {
-            admission.offer(job, vec![mailbox("flooded")]);
+            admission.offer(job, &mailbox("flooded"));
         }
-        assert!(admission.offer(10, vec![mailbox("other")]).is_some());
-        assert!(admission.offer(11, vec![domain("example.org")]).is_some());
+        assert_eq!(admission.offer(10, &mailbox("other")), Some(10));
+        assert_eq!(admission.offer(11, &domain("example.org")), Some(11));
+        assert_eq!(admission.waiting(), 8);
+        // Releasing another lane admits nothing of the flooded one.
+        assert_eq!(admission.release(&mailbox("other")), None);
         assert_eq!(admission.waiting(), 8);
     }
 
     #[test]
-    fn domains_have_their_own_limit() {
+    fn domains_have_their_own_limit_and_names() {
         let mut admission = admission();
+        let d = domain("example.org");
         for job in 0..3 {
-            assert!(admission.offer(job, vec![domain("example.org")]).is_some());
+            assert_eq!(admission.offer(job, &d), Some(job));
         }
-        assert!(admission.offer(3, vec![domain("example.org")]).is_none());
+        assert_eq!(admission.offer(3, &d), None);
         // A mailbox and a domain of the same name are different lanes.
-        assert!(admission.offer(4, vec![mailbox("example.org")]).is_some());
-    }
-
-    #[test]
-    fn a_job_with_no_lanes_is_always_admitted() {
-        let mut admission = admission();
-        for job in 0..100 {
-            assert!(admission.offer(job, Vec::new()).is_some());
-        }
-        assert_eq!(admission.waiting(), 0);
-    }
-
-    #[test]
-    fn a_job_for_two_lanes_waits_holding_its_place_in_the_first() {
-        let mut admission = admission();
-        admission.offer(0, vec![mailbox("a")]);
-        admission.offer(1, vec![mailbox("b")]);
-        admission.offer(2, vec![mailbox("b")]);
-        // "a" has room, "b" has not: it holds a place in "a" and waits for "b".
-        assert!(admission.offer(3, vec![mailbox("b"), mailbox("a")]).is_none());
-        // "a" is full now (0 and 3); a newcomer waits.
-        assert!(admission.offer(4, vec![mailbox("a")]).is_none());
-        // Jobs for "b" keep coming, but 3 is first in line there.
-        assert!(admission.offer(5, vec![mailbox("b")]).is_none());
-        let (job, lanes) = admission.release(&[mailbox("b")]).pop().unwrap();
-        assert_eq!(job, 3);
-        assert_eq!(lanes, vec![mailbox("a"), mailbox("b")]);
-        assert_eq!(admission.waiting(), 2);
-        // 3 leaves both lanes: 4 gets "a", 5 gets "b".
-        let mut next = ids(admission.release(&lanes));
-        next.sort();
-        assert_eq!(next, vec![4, 5]);
-    }
-
-    #[test]
-    fn a_job_holding_a_place_goes_first_when_its_next_lane_frees() {
-        let mut admission = admission();
-        admission.offer(0, vec![mailbox("b")]);
-        admission.offer(1, vec![mailbox("b")]);
-        assert!(admission.offer(2, vec![mailbox("a"), mailbox("b")]).is_none());
-        assert!(admission.offer(3, vec![mailbox("b")]).is_none());
-        // "a" has one place left and nobody queued for it.
-        assert!(admission.offer(4, vec![mailbox("a")]).is_some());
-        assert!(admission.offer(5, vec![mailbox("a")]).is_none());
-        assert_eq!(ids(admission.release(&[mailbox("b")])), vec![2]);
-        assert_eq!(ids(admission.release(&[mailbox("b")])), vec![3]);
-        assert_eq!(ids(admission.release(&[mailbox("a")])), vec![5]);
-    }
-
-    #[test]
-    fn a_job_admitted_at_once_counts_in_its_lanes() {
-        let mut admission = admission();
-        admission.offer(0, vec![mailbox("a")]);
-        let lanes = admission.admit_now(vec![mailbox("a"), domain("d"), mailbox("a")]);
-        assert_eq!(lanes, vec![mailbox("a"), domain("d")]);
-        let lanes_2 = admission.admit_now(vec![mailbox("a")]);
-        // "a" holds three now, over its limit: a newcomer waits until two have left.
-        assert!(admission.offer(1, vec![mailbox("a")]).is_none());
-        assert!(admission.release(&lanes).is_empty());
-        assert_eq!(ids(admission.release(&lanes_2)), vec![1]);
-    }
-
-    #[test]
-    fn released_lanes_are_forgotten_when_idle() {
-        let mut admission = admission();
-        let (_, lanes) = admission.offer(0, vec![mailbox("a"), domain("d")]).unwrap();
-        assert!(admission.release(&lanes).is_empty());
-        assert!(admission.taken.is_empty());
-        assert!(admission.waiting.is_empty());
+        assert_eq!(admission.offer(4, &mailbox("example.org")), Some(4));
     }
 }

@@ -35,27 +35,36 @@ struct Plan {
 }
 
 impl Plan {
-    /// The lanes the attempt delivers in: its mailboxes and its remote domains.
-    fn lanes(&self, job: &Job) -> Vec<Lane> {
-        let mailboxes =
-            self.local.iter().filter_map(|(_, mailbox)| mailbox.clone()).map(Lane::Mailbox);
-        let domains =
-            self.remote.iter().map(|&i| Lane::Domain(domain_of(&job.recipients[i].address)));
-        mailboxes.chain(domains).collect()
+    /// The one lane the attempt delivers in, if it delivers in one only: every due
+    /// recipient in the same mailbox, or every one in the same remote domain.
+    fn lane(&self, job: &Job) -> Option<Lane> {
+        match (self.local.as_slice(), self.remote.as_slice()) {
+            ([(_, Some(first)), rest @ ..], []) => rest
+                .iter()
+                .all(|(_, mailbox)| mailbox.as_ref() == Some(first))
+                .then(|| Lane::Mailbox(first.clone())),
+            ([], [first, rest @ ..]) => {
+                let domain = domain_of(&job.recipients[*first].address);
+                rest.iter()
+                    .all(|&i| domain_of(&job.recipients[i].address) == domain)
+                    .then_some(Lane::Domain(domain))
+            }
+            _ => None,
+        }
     }
 }
 
-/// A job's places in its lanes, given back to the dispatcher when its deliveries are done,
-/// or when the attempt ends otherwise.
+/// A job's place in its lane, given back to the dispatcher when its deliveries are done, or
+/// when the attempt ends otherwise. `None`: the job did not wait for a lane.
 struct Admitted {
-    lanes: Vec<Lane>,
-    done: mpsc::UnboundedSender<Vec<Lane>>,
+    lane: Option<Lane>,
+    done: mpsc::UnboundedSender<Lane>,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        if !self.lanes.is_empty() {
-            let _ = self.done.send(std::mem::take(&mut self.lanes));
+        if let Some(lane) = self.lane.take() {
+            let _ = self.done.send(lane);
         }
     }
 }
@@ -307,13 +316,13 @@ pub fn start(
         tokio::spawn(async move {
             let mut running = JoinSet::new();
             let mut admission = Admission::new(limits);
-            let (done, mut left) = mpsc::unbounded_channel::<Vec<Lane>>();
+            let (done, mut left) = mpsc::unbounded_channel::<Lane>();
             let stopping = shutdown.clone();
-            let spawn = |running: &mut JoinSet<()>, (job, plan): (Job, Plan), lanes| {
+            let spawn = |running: &mut JoinSet<()>, (job, plan): (Job, Plan), lane| {
                 let deliverer = deliverer.clone();
                 let queue = queue.clone();
                 let slots = slots.clone();
-                let admitted = Admitted { lanes, done: done.clone() };
+                let admitted = Admitted { lane, done: done.clone() };
                 let mut stopping = stopping.clone();
                 running.spawn(async move {
                     // A job still waiting for a slot at shutdown stays in the spool for the
@@ -326,11 +335,14 @@ pub fn start(
             };
             loop {
                 tokio::select! {
-                    // Places given back first: the jobs waiting for them queued earlier.
+                    // Shutdown first: the tasks it cancels give their places back, and the
+                    // jobs waiting for them must not start then. Then places given back:
+                    // the jobs waiting for them queued before any new one.
                     biased;
-                    Some(lanes) = left.recv() => {
-                        for (job, lanes) in admission.release(&lanes) {
-                            spawn(&mut running, job, lanes);
+                    _ = shutdown.wait_for(|stopping| *stopping) => break,
+                    Some(lane) = left.recv() => {
+                        if let Some(job) = admission.release(&lane) {
+                            spawn(&mut running, job, Some(lane));
                         }
                     }
                     job = receiver.recv() => {
@@ -341,17 +353,16 @@ pub fn start(
                             }
                             continue;
                         };
-                        let lanes = plan.lanes(&job);
-                        if !plan.local.is_empty() && !plan.remote.is_empty() {
-                            // Its local and remote parts wait for their own slots, neither
-                            // for the other's: it cannot wait here for its lanes either.
-                            let lanes = admission.admit_now(lanes);
-                            spawn(&mut running, (job, plan), lanes);
-                        } else if let Some((job, lanes)) = admission.offer((job, plan), lanes) {
-                            spawn(&mut running, job, lanes);
+                        // See the admission module for jobs of several lanes.
+                        match plan.lane(&job) {
+                            Some(lane) => {
+                                if let Some(job) = admission.offer((job, plan), &lane) {
+                                    spawn(&mut running, job, Some(lane));
+                                }
+                            }
+                            None => spawn(&mut running, (job, plan), None),
                         }
                     }
-                    _ = shutdown.wait_for(|stopping| *stopping) => break,
                 }
                 // Reap finished deliveries so the set does not grow.
                 while running.try_join_next().is_some() {}
@@ -464,7 +475,7 @@ impl Deliverer {
             }
         };
         let (mut attempts, remote_attempts) = tokio::join!(local_part, remote_part);
-        // The deliveries are done; recording them is not the lanes' business.
+        // The deliveries are done; recording them is not the lane's business.
         drop(admitted);
         attempts.extend(remote_attempts);
         job.preloaded = None;
@@ -851,6 +862,59 @@ mod tests {
         assert!(poll(&mut second).is_none(), "both mailboxes are taken");
         drop(first);
         assert!(poll(&mut second).is_some(), "the second job has both mailboxes now");
+    }
+
+    #[test]
+    fn a_job_has_a_lane_only_when_it_delivers_in_one() {
+        let job = |addresses: &[&str]| Job {
+            id: QueueId(1),
+            envelope: Arc::new(Envelope {
+                sender: "s@example.org".into(),
+                body: smtp_proto::BodyType::SevenBit,
+                smtputf8: false,
+                ret: None,
+                envid: None,
+                client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                helo: "c".into(),
+                tls: None,
+                authenticated_as: None,
+                received_at: SystemTime::UNIX_EPOCH,
+            }),
+            recipients: addresses
+                .iter()
+                .map(|&address| Recipient {
+                    address: address.into(),
+                    original: address.into(),
+                    notify: None,
+                    orcpt: None,
+                    status: RecipientStatus::Pending,
+                })
+                .collect(),
+            preloaded: None,
+        };
+        let mailbox = |name: &str| Some(name.to_string());
+        let plan = |local: Vec<(usize, Option<String>)>, remote: Vec<usize>| Plan {
+            due: local.iter().map(|(i, _)| *i).chain(remote.iter().copied()).collect(),
+            local,
+            remote,
+        };
+        let two = job(&["a@x", "b@x"]);
+        assert_eq!(
+            plan(vec![(0, mailbox("a")), (1, mailbox("a"))], vec![]).lane(&two),
+            Some(Lane::Mailbox("a".into())),
+            "two addresses, one mailbox"
+        );
+        assert_eq!(plan(vec![(0, mailbox("a")), (1, mailbox("b"))], vec![]).lane(&two), None);
+        assert_eq!(plan(vec![(0, mailbox("a")), (1, None)], vec![]).lane(&two), None);
+        assert_eq!(plan(vec![(0, None)], vec![]).lane(&two), None, "no mailbox, no lane");
+        let remote = job(&["a@Example.ORG", "b@example.org", "c@other.example"]);
+        assert_eq!(
+            plan(vec![], vec![0, 1]).lane(&remote),
+            Some(Lane::Domain("example.org".into())),
+            "domains compare in lower case"
+        );
+        assert_eq!(plan(vec![], vec![0, 2]).lane(&remote), None);
+        assert_eq!(plan(vec![(0, mailbox("a"))], vec![1]).lane(&remote), None, "local and remote");
     }
 
     #[test]

@@ -120,7 +120,8 @@ pub fn allow_priority_boost(levels: i32) -> anyhow::Result<()> {
     let needed = u64::try_from(20 - (nice - levels).max(-20)).unwrap_or(0);
     let limit = getrlimit(Resource::Nice);
     let raised = Rlimit {
-        current: Some(limit.current.map_or(needed, |current| current.max(needed))),
+        // None: unlimited, already enough.
+        current: limit.current.map(|current| current.max(needed)),
         maximum: limit.maximum.map(|maximum| maximum.max(needed)),
     };
     setrlimit(Resource::Nice, raised).context("raising RLIMIT_NICE")
