@@ -250,6 +250,26 @@ def test_dsn_parameters_are_kept_in_the_queue_and_delivery_is_retried(start_serv
     assert (json.loads(envelope)["sender"], address, notify) == ("", "a@example.org", "NEVER")
 
 
+def test_an_idn_domain_is_local_as_u_label_and_as_a_label(start_server):
+    """local.domains lists a U-label; mail to its A-label (plain ASCII) and to the U-label
+    (SMTPUTF8) both arrive in the same mailbox, and a look-alike domain is not ours."""
+    server = start_server(local={"domains": ["bücher.example"]})
+    with smtplib.SMTP("127.0.0.1", server.port()) as client:
+        client.sendmail("a@example.org", ["anna@XN--BCHER-KVA.example"], b"Subject: a-label\r\n\r\nx\r\n")
+        client.ehlo("c")
+        client.command_encoding = "utf-8"  # smtplib sends UTF-8 commands only inside sendmail()
+        assert client.mail("a@example.org", ["SMTPUTF8"])[0] == 250
+        assert client.rcpt("anna@bücher.example")[0] == 250
+        assert client.data(b"Subject: u-label\r\n\r\nx\r\n")[0] == 250
+        client.command_encoding = "ascii"
+        assert client.mail("a@example.org")[0] == 250
+        code, text = client.rcpt("anna@bucher.example")
+        assert (code, text[:5]) == (554, b"5.7.1"), text  # not ours: no relaying
+    delivered = server.wait_for_messages("anna", 2)
+    subjects = sorted(re.search(rb"Subject: (\S+)", raw).group(1) for raw in delivered)
+    assert subjects == [b"a-label", b"u-label"]
+
+
 def test_size_limits(start_server):
     server = start_server(limits={"message_size": 10000})
     with smtplib.SMTP("127.0.0.1", server.port()) as client:

@@ -15,9 +15,22 @@ use crate::config::LocalConfig;
 /// How deep aliases may point to aliases.
 const MAX_ALIAS_DEPTH: usize = 8;
 
+/// A domain as the router compares it: without a final dot, in lower case, its labels as
+/// A-labels, so that `bücher.example` and `xn--bcher-kva.example` are one domain (an
+/// SMTPUTF8 client may give either, RFC 6531 section 3.2; DNS knows only the A-label). A
+/// name that is not valid IDNA stays as it is, in ASCII lower case.
+fn domain_key(domain: &str) -> String {
+    let domain = domain.trim_end_matches('.');
+    if domain.is_ascii() {
+        // A-labels are ASCII already: nothing to map but the case.
+        return domain.to_ascii_lowercase();
+    }
+    idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_ascii_lowercase())
+}
+
 #[derive(Debug)]
 pub struct Router {
-    /// Local domains, lower case.
+    /// Local domains, as [`domain_key`] writes them.
     domains: HashSet<String>,
     /// Listed mailboxes; `None` when every valid local part is a mailbox.
     mailboxes: Option<HashSet<String>>,
@@ -42,8 +55,7 @@ pub enum Lookup {
 
 impl Router {
     pub fn new(config: &LocalConfig) -> anyhow::Result<Router> {
-        let domains: HashSet<String> =
-            config.domains.iter().map(|d| d.trim_end_matches('.').to_ascii_lowercase()).collect();
+        let domains: HashSet<String> = config.domains.iter().map(|d| domain_key(d)).collect();
         let mailboxes = if config.mailboxes.is_empty() {
             None
         } else {
@@ -60,20 +72,13 @@ impl Router {
         let catch_all = (!config.catch_all.is_empty()).then(|| config.catch_all.to_lowercase());
         let delimiter =
             (!config.recipient_delimiter.is_empty()).then(|| config.recipient_delimiter.clone());
-        let first_domain = config
-            .domains
-            .first()
-            .context("local.domains is empty")?
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
+        let first_domain = domain_key(config.domains.first().context("local.domains is empty")?);
         let mut aliases = HashMap::new();
         for (name, targets) in &config.aliases {
             let mut resolved = Vec::new();
             for target in targets {
                 let (local, domain) = match target.rsplit_once('@') {
-                    Some((local, domain)) => {
-                        (local.to_lowercase(), domain.trim_end_matches('.').to_ascii_lowercase())
-                    }
+                    Some((local, domain)) => (local.to_lowercase(), domain_key(domain)),
                     None => (target.to_lowercase(), first_domain.clone()),
                 };
                 if local.is_empty() || domain.is_empty() {
@@ -101,9 +106,7 @@ impl Router {
 
     pub fn is_local_domain(&self, domain: &Domain) -> bool {
         match domain {
-            Domain::Name(name) => {
-                self.domains.contains(&name.trim_end_matches('.').to_ascii_lowercase())
-            }
+            Domain::Name(name) => self.domains.contains(&domain_key(name)),
             _ => false,
         }
     }
@@ -111,9 +114,9 @@ impl Router {
     /// Whether a final address (from [`Router::resolve`]) is in one of our domains; every
     /// other address is delivered over SMTP.
     pub fn is_local_address(&self, address: &str) -> bool {
-        address.rsplit_once('@').is_some_and(|(_, domain)| {
-            self.domains.contains(&domain.trim_end_matches('.').to_ascii_lowercase())
-        })
+        address
+            .rsplit_once('@')
+            .is_some_and(|(_, domain)| self.domains.contains(&domain_key(domain)))
     }
 
     /// Looks up a RCPT TO path.
@@ -129,7 +132,7 @@ impl Router {
                 if !self.is_local_domain(domain) {
                     return Lookup::NotLocal;
                 }
-                (local_part.clone(), domain.to_string().trim_end_matches('.').to_ascii_lowercase())
+                (local_part.clone(), domain_key(&domain.to_string()))
             }
         };
         let key = local_part.to_lowercase();
@@ -157,7 +160,7 @@ impl Router {
     /// The mailbox a final address (from [`Router::resolve`]) delivers to.
     pub fn mailbox_for(&self, address: &str) -> Option<String> {
         let (local_part, domain) = address.rsplit_once('@')?;
-        if !self.domains.contains(&domain.trim_end_matches('.').to_ascii_lowercase()) {
+        if !self.domains.contains(&domain_key(domain)) {
             return None;
         }
         let key = local_part.to_lowercase();
@@ -233,6 +236,44 @@ mod tests {
         assert_eq!(router.resolve(&rcpt("alice@example.org")), Lookup::NotLocal);
         assert_eq!(router.resolve(&rcpt("../etc@localhost")), Lookup::NoSuchUser);
         assert_eq!(router.resolve(&rcpt(".hidden@localhost")), Lookup::NoSuchUser);
+    }
+
+    #[test]
+    fn a_domain_is_the_same_as_a_u_label_and_as_an_a_label() {
+        let config = LocalConfig {
+            domains: vec!["Bücher.Example.".into(), "xn--mnchen-3ya.example".into()],
+            aliases: [(
+                "team".to_string(),
+                vec!["alice@bücher.example".to_string(), "bob@Straße.example".to_string()],
+            )]
+            .into(),
+            ..LocalConfig::default()
+        };
+        let router = Router::new(&config).unwrap();
+        // Configured as a U-label, given as an A-label, in any case, and the other way round.
+        assert_eq!(
+            router.resolve(&rcpt("anna@XN--BCHER-KVA.example")),
+            local(&["anna@xn--bcher-kva.example"])
+        );
+        assert_eq!(
+            router.resolve(&rcpt("anna@bücher.example")),
+            local(&["anna@xn--bcher-kva.example"])
+        );
+        assert_eq!(
+            router.resolve(&rcpt("max@München.example")),
+            local(&["max@xn--mnchen-3ya.example"])
+        );
+        assert!(router.is_local_address("anna@BÜCHER.example"));
+        assert!(router.is_local_domain(&Domain::Name("xn--bcher-kva.example".into())));
+        assert!(!router.is_local_domain(&Domain::Name("bucher.example".into())));
+        // Alias targets too: a local one in the other form, a remote one as its A-label
+        // (nontransitional processing, as in IDNA2008: ß stays ß).
+        assert_eq!(
+            router.resolve(&rcpt("team@xn--bcher-kva.example")),
+            local(&["alice@xn--bcher-kva.example", "bob@xn--strae-oqa.example"])
+        );
+        // Not valid IDNA: compared as it is.
+        assert_eq!(domain_key("a..b.Example"), "a..b.example");
     }
 
     #[test]
