@@ -656,13 +656,13 @@ impl Config {
     }
 
     /// Writes names the one way the code compares them: host and domain names without a
-    /// trailing dot, route keys in lower case (domains are compared case-insensitively, RFC
-    /// 5321 section 2.4).
+    /// trailing dot, route keys as the router compares domains (lower case, RFC 5321 section
+    /// 2.4, and A-labels for internationalized names).
     pub fn normalize(&mut self) -> anyhow::Result<()> {
         self.hostname = self.hostname.trim_end_matches('.').to_string();
         let mut routes = BTreeMap::new();
         for (domain, route) in std::mem::take(&mut self.outbound.routes) {
-            let key = domain.trim_end_matches('.').to_ascii_lowercase();
+            let key = crate::router::domain_key(&domain);
             if routes.insert(key.clone(), route).is_some() {
                 bail!("outbound.routes has {key:?} twice (names are compared without case)");
             }
@@ -952,6 +952,18 @@ mod tests {
         let mut twice: Config = toml::from_str(
             "[outbound.routes.\"a.example\"]\nhost = \"x\"\n\
              [outbound.routes.\"A.example\"]\nhost = \"y\"",
+        )
+        .unwrap();
+        assert!(twice.normalize().is_err());
+        // An internationalized name is one key, whichever form it is written in.
+        let mut idn: Config =
+            toml::from_str("[outbound.routes.\"Bücher.Example\"]\nhost = \"relay.example\"")
+                .unwrap();
+        idn.normalize().unwrap();
+        assert!(idn.outbound.routes.contains_key("xn--bcher-kva.example"));
+        let mut twice: Config = toml::from_str(
+            "[outbound.routes.\"bücher.example\"]\nhost = \"x\"\n\
+             [outbound.routes.\"xn--bcher-kva.example\"]\nhost = \"y\"",
         )
         .unwrap();
         assert!(twice.normalize().is_err());

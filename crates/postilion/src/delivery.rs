@@ -412,9 +412,10 @@ pub fn backoff(initial: Duration, max: Duration, attempts: u32) -> Duration {
     initial.saturating_mul(1u32.checked_shl(attempts).unwrap_or(u32::MAX)).min(max)
 }
 
-/// The domain part of a final address, lower case: what remote recipients are grouped by.
+/// The domain part of a final address, as the router compares domains (one name for its
+/// U-label and A-label forms): what remote recipients are grouped by.
 fn domain_of(address: &str) -> String {
-    address.rsplit_once('@').map(|(_, domain)| domain).unwrap_or("").to_ascii_lowercase()
+    crate::router::domain_key(address.rsplit_once('@').map(|(_, domain)| domain).unwrap_or(""))
 }
 
 impl Deliverer {
@@ -907,11 +908,11 @@ mod tests {
         assert_eq!(plan(vec![(0, mailbox("a")), (1, mailbox("b"))], vec![]).lane(&two), None);
         assert_eq!(plan(vec![(0, mailbox("a")), (1, None)], vec![]).lane(&two), None);
         assert_eq!(plan(vec![(0, None)], vec![]).lane(&two), None, "no mailbox, no lane");
-        let remote = job(&["a@Example.ORG", "b@example.org", "c@other.example"]);
+        let remote = job(&["a@Bücher.example", "b@xn--bcher-kva.example", "c@other.example"]);
         assert_eq!(
             plan(vec![], vec![0, 1]).lane(&remote),
-            Some(Lane::Domain("example.org".into())),
-            "domains compare in lower case"
+            Some(Lane::Domain("xn--bcher-kva.example".into())),
+            "domains compare as lower-case A-labels"
         );
         assert_eq!(plan(vec![], vec![0, 2]).lane(&remote), None);
         assert_eq!(plan(vec![(0, mailbox("a"))], vec![1]).lane(&remote), None, "local and remote");

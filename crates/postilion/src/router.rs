@@ -19,7 +19,7 @@ const MAX_ALIAS_DEPTH: usize = 8;
 /// A-labels, so that `bücher.example` and `xn--bcher-kva.example` are one domain (an
 /// SMTPUTF8 client may give either, RFC 6531 section 3.2; DNS knows only the A-label). A
 /// name that is not valid IDNA stays as it is, in ASCII lower case.
-fn domain_key(domain: &str) -> String {
+pub fn domain_key(domain: &str) -> String {
     let domain = domain.trim_end_matches('.');
     if domain.is_ascii() {
         // A-labels are ASCII already: nothing to map but the case.
