@@ -7,7 +7,7 @@
 //! A notification and the outcome that caused it are recorded in one spool transaction, so
 //! a crash never loses one and never records a delivery whose notification is missing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -142,10 +142,13 @@ impl Attempt {
     }
 }
 
+/// A job for the dispatcher: due now, or at the given time.
+type Queued = (Job, Option<tokio::time::Instant>);
+
 /// Where accepted messages are handed to delivery.
 #[derive(Clone)]
 pub struct DeliveryQueue {
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::UnboundedSender<Queued>,
     /// Octets held by [`Preloaded`] contents.
     preloaded: Arc<AtomicUsize>,
 }
@@ -170,23 +173,49 @@ impl DeliveryQueue {
         recipients: Vec<Recipient>,
         preloaded: Option<Preloaded>,
     ) {
-        let _ = self.jobs.send(Job { id, envelope: Arc::new(envelope), recipients, preloaded });
+        let job = Job { id, envelope: Arc::new(envelope), recipients, preloaded };
+        let _ = self.jobs.send((job, None));
     }
 
-    /// Queues a job now or at `at`.
+    /// Queues a job now or at `at`; until then it waits in the dispatcher as data.
     fn schedule(&self, mut job: Job, at: SystemTime) {
         let delay = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
         if delay.is_zero() {
-            let _ = self.jobs.send(job);
+            let _ = self.jobs.send((job, None));
             return;
         }
         // A retry later reads the content again rather than hold it meanwhile.
         job.preloaded = None;
-        let jobs = self.jobs.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = jobs.send(job);
-        });
+        let _ = self.jobs.send((job, Some(tokio::time::Instant::now() + delay)));
+    }
+}
+
+/// A job waiting for its time in the dispatcher: ordered by time, then by arrival, soonest
+/// first in a [`BinaryHeap`].
+struct Later {
+    at: tokio::time::Instant,
+    arrival: u64,
+    job: Job,
+}
+
+impl PartialEq for Later {
+    fn eq(&self, other: &Later) -> bool {
+        (self.at, self.arrival) == (other.at, other.arrival)
+    }
+}
+
+impl Eq for Later {}
+
+impl PartialOrd for Later {
+    fn partial_cmp(&self, other: &Later) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Later {
+    fn cmp(&self, other: &Later) -> std::cmp::Ordering {
+        // Reversed: BinaryHeap pops the greatest.
+        (other.at, other.arrival).cmp(&(self.at, self.arrival))
     }
 }
 
@@ -293,7 +322,7 @@ pub fn start(
     deliverer: Deliverer,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(DeliveryQueue, tokio::task::JoinHandle<()>)> {
-    let (jobs, mut receiver) = mpsc::unbounded_channel::<Job>();
+    let (jobs, mut receiver) = mpsc::unbounded_channel::<Queued>();
     let queue = DeliveryQueue { jobs, preloaded: Arc::new(AtomicUsize::new(0)) };
     let deliverer = Arc::new(deliverer);
     // Separate bounds for local and remote work, so slow remote hosts never hold up local
@@ -333,7 +362,36 @@ pub fn start(
                     }
                 });
             };
+            // A job that is due: planned, then run now or queued in its lane.
+            let dispatch =
+                |job: Job, admission: &mut Admission<(Job, Plan)>, running: &mut JoinSet<()>| {
+                    let Some(plan) = deliverer.plan(&job) else {
+                        if let Some(at) = next_attempt(&job.recipients) {
+                            queue.schedule(job, at);
+                        }
+                        return;
+                    };
+                    // See the admission module for jobs of several lanes.
+                    match plan.lane(&job) {
+                        Some(lane) => {
+                            if let Some(job) = admission.offer((job, plan), &lane) {
+                                spawn(running, job, Some(lane));
+                            }
+                        }
+                        None => spawn(running, (job, plan), None),
+                    }
+                };
+            // Retries and recovered jobs not yet due, and the timer for the first of them.
+            let mut later: BinaryHeap<Later> = BinaryHeap::new();
+            let mut arrivals = 0u64;
+            let timer = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(timer);
             loop {
+                if let Some(first) = later.peek()
+                    && timer.deadline() != first.at
+                {
+                    timer.as_mut().reset(first.at);
+                }
                 tokio::select! {
                     // Shutdown first: the tasks it cancels give their places back, and the
                     // jobs waiting for them must not start then. Then places given back:
@@ -345,30 +403,31 @@ pub fn start(
                             spawn(&mut running, job, Some(lane));
                         }
                     }
-                    job = receiver.recv() => {
-                        let Some(job) = job else { break };
-                        let Some(plan) = deliverer.plan(&job) else {
-                            if let Some(at) = next_attempt(&job.recipients) {
-                                queue.schedule(job, at);
+                    () = timer.as_mut(), if !later.is_empty() => {
+                        let now = tokio::time::Instant::now();
+                        while later.peek().is_some_and(|first| first.at <= now) {
+                            if let Some(due) = later.pop() {
+                                dispatch(due.job, &mut admission, &mut running);
                             }
-                            continue;
-                        };
-                        // See the admission module for jobs of several lanes.
-                        match plan.lane(&job) {
-                            Some(lane) => {
-                                if let Some(job) = admission.offer((job, plan), &lane) {
-                                    spawn(&mut running, job, Some(lane));
-                                }
+                        }
+                    }
+                    queued = receiver.recv() => {
+                        let Some((job, at)) = queued else { break };
+                        match at {
+                            Some(at) => {
+                                arrivals += 1;
+                                later.push(Later { at, arrival: arrivals, job });
                             }
-                            None => spawn(&mut running, (job, plan), None),
+                            None => dispatch(job, &mut admission, &mut running),
                         }
                     }
                 }
                 // Reap finished deliveries so the set does not grow.
                 while running.try_join_next().is_some() {}
             }
-            // Jobs still waiting for a place stay in the spool for the next start.
-            drop(admission);
+            // Jobs still waiting for a place or their time stay in the spool for the next
+            // start.
+            drop((admission, later));
             while running.join_next().await.is_some() {}
         })
     };
