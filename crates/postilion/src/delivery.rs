@@ -926,8 +926,35 @@ mod tests {
 
     #[test]
     fn a_job_has_a_lane_only_when_it_delivers_in_one() {
-        let job = |addresses: &[&str]| Job {
-            id: QueueId(1),
+        let mailbox = |name: &str| Some(name.to_string());
+        let plan = |local: Vec<(usize, Option<String>)>, remote: Vec<usize>| Plan {
+            due: local.iter().map(|(i, _)| *i).chain(remote.iter().copied()).collect(),
+            local,
+            remote,
+        };
+        let two = job(1, &["a@x", "b@x"]);
+        assert_eq!(
+            plan(vec![(0, mailbox("a")), (1, mailbox("a"))], vec![]).lane(&two),
+            Some(Lane::Mailbox("a".into())),
+            "two addresses, one mailbox"
+        );
+        assert_eq!(plan(vec![(0, mailbox("a")), (1, mailbox("b"))], vec![]).lane(&two), None);
+        assert_eq!(plan(vec![(0, mailbox("a")), (1, None)], vec![]).lane(&two), None);
+        assert_eq!(plan(vec![(0, None)], vec![]).lane(&two), None, "no mailbox, no lane");
+        let remote = job(2, &["a@Bücher.example", "b@xn--bcher-kva.example", "c@other.example"]);
+        assert_eq!(
+            plan(vec![], vec![0, 1]).lane(&remote),
+            Some(Lane::Domain("xn--bcher-kva.example".into())),
+            "domains compare as lower-case A-labels"
+        );
+        assert_eq!(plan(vec![], vec![0, 2]).lane(&remote), None);
+        assert_eq!(plan(vec![(0, mailbox("a"))], vec![1]).lane(&remote), None, "local and remote");
+    }
+
+    /// A job for `addresses`, all pending.
+    fn job(id: u64, addresses: &[&str]) -> Job {
+        Job {
+            id: QueueId(id),
             envelope: Arc::new(Envelope {
                 sender: "s@example.org".into(),
                 body: smtp_proto::BodyType::SevenBit,
@@ -951,30 +978,21 @@ mod tests {
                 })
                 .collect(),
             preloaded: None,
-        };
-        let mailbox = |name: &str| Some(name.to_string());
-        let plan = |local: Vec<(usize, Option<String>)>, remote: Vec<usize>| Plan {
-            due: local.iter().map(|(i, _)| *i).chain(remote.iter().copied()).collect(),
-            local,
-            remote,
-        };
-        let two = job(&["a@x", "b@x"]);
-        assert_eq!(
-            plan(vec![(0, mailbox("a")), (1, mailbox("a"))], vec![]).lane(&two),
-            Some(Lane::Mailbox("a".into())),
-            "two addresses, one mailbox"
-        );
-        assert_eq!(plan(vec![(0, mailbox("a")), (1, mailbox("b"))], vec![]).lane(&two), None);
-        assert_eq!(plan(vec![(0, mailbox("a")), (1, None)], vec![]).lane(&two), None);
-        assert_eq!(plan(vec![(0, None)], vec![]).lane(&two), None, "no mailbox, no lane");
-        let remote = job(&["a@Bücher.example", "b@xn--bcher-kva.example", "c@other.example"]);
-        assert_eq!(
-            plan(vec![], vec![0, 1]).lane(&remote),
-            Some(Lane::Domain("xn--bcher-kva.example".into())),
-            "domains compare as lower-case A-labels"
-        );
-        assert_eq!(plan(vec![], vec![0, 2]).lane(&remote), None);
-        assert_eq!(plan(vec![(0, mailbox("a"))], vec![1]).lane(&remote), None, "local and remote");
+        }
+    }
+
+    #[test]
+    fn jobs_waiting_for_their_time_come_soonest_first_then_in_arrival_order() {
+        let start = tokio::time::Instant::now();
+        let at = |seconds| start + Duration::from_secs(seconds);
+        let mut later = BinaryHeap::new();
+        for (arrival, (seconds, id)) in
+            [(30, 1), (10, 2), (30, 3), (20, 4), (10, 5)].into_iter().enumerate()
+        {
+            later.push(Later { at: at(seconds), arrival: arrival as u64, job: job(id, &[]) });
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| later.pop()).map(|due| due.job.id.0).collect();
+        assert_eq!(order, [2, 5, 4, 1, 3]);
     }
 
     #[test]

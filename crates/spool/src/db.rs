@@ -453,16 +453,16 @@ pub(crate) fn list(connection: &mut Connection) -> Result<Vec<QueuedMessage>, Sp
     let mut rows = select.query([]).context(context)?;
     while let Some(row) = rows.next().context(context)? {
         let (id, index, recipient) = decode_recipient(row)?;
-        let position =
-            messages.binary_search_by_key(&id, |listed| listed.message.id).map_err(|_| {
-                SpoolError::Corrupt(format!("recipient {index} of missing message {id}"))
-            })?;
-        if messages[position].inline_recipients {
+        let position = messages.binary_search_by_key(&id, |message| message.id).map_err(|_| {
+            SpoolError::Corrupt(format!("recipient {index} of missing message {id}"))
+        })?;
+        let recipients = &mut messages[position].recipients;
+        // Inline recipients are never empty, so a first row after them is one too many.
+        if index == 0 && !recipients.is_empty() {
             return Err(SpoolError::Corrupt(format!(
                 "message {id} has recipients both inline and in the recipient table"
             )));
         }
-        let recipients = &mut messages[position].message.recipients;
         // update_recipients addresses recipients by index, so there must be no gaps.
         if index != recipients.len() as i64 {
             return Err(SpoolError::Corrupt(format!(
@@ -472,17 +472,10 @@ pub(crate) fn list(connection: &mut Connection) -> Result<Vec<QueuedMessage>, Sp
         }
         recipients.push(recipient);
     }
-    Ok(messages.into_iter().map(|listed| listed.message).collect())
+    Ok(messages)
 }
 
-/// A message row as listed: whether its recipients were inline (and so must not be in the
-/// recipient table too).
-struct Listed {
-    message: QueuedMessage,
-    inline_recipients: bool,
-}
-
-fn decode_message(row: &Row<'_>) -> Result<Listed, SpoolError> {
+fn decode_message(row: &Row<'_>) -> Result<QueuedMessage, SpoolError> {
     let context = || "reading a message row".to_string();
     let id = QueueId(row.get::<_, i64>(0).context(context)? as u64);
     let envelope: String = row.get(1).context(context)?;
@@ -492,18 +485,15 @@ fn decode_message(row: &Row<'_>) -> Result<Listed, SpoolError> {
     let stored: StoredEnvelope =
         serde_json::from_str(&envelope).map_err(|e| corrupt(format!("envelope: {e}")))?;
     let inline: Option<String> = row.get(4).context(context)?;
-    let recipients = match &inline {
-        Some(inline) => decode_inline(id, inline)?,
-        None => Vec::new(),
-    };
-    Ok(Listed {
-        message: QueuedMessage {
-            id,
-            envelope: stored.into_envelope(received_at).map_err(corrupt)?,
-            recipients,
-            size: u64::try_from(size).map_err(|_| corrupt(format!("negative size {size}")))?,
-        },
-        inline_recipients: inline.is_some(),
+    Ok(QueuedMessage {
+        id,
+        envelope: stored.into_envelope(received_at).map_err(corrupt)?,
+        // From the recipient table when NULL, see list.
+        recipients: inline
+            .map(|inline| decode_inline(id, &inline))
+            .transpose()?
+            .unwrap_or_default(),
+        size: u64::try_from(size).map_err(|_| corrupt(format!("negative size {size}")))?,
     })
 }
 
@@ -541,12 +531,9 @@ fn decode_inline(id: QueueId, inline: &str) -> Result<Vec<Recipient>, SpoolError
     stored
         .into_iter()
         .map(|stored| {
-            let notify = stored.notify.as_deref().map(parse_notify).transpose().map_err(corrupt)?;
-            let orcpt = match (stored.orcpt_type, stored.orcpt_address) {
-                (Some(addr_type), Some(address)) => Some(OriginalRecipient { addr_type, address }),
-                (None, None) => None,
-                _ => return Err(corrupt("half an ORCPT".into())),
-            };
+            let (notify, orcpt) =
+                decode_dsn(stored.notify.as_deref(), stored.orcpt_type, stored.orcpt_address)
+                    .map_err(corrupt)?;
             Ok(Recipient {
                 address: stored.address,
                 original: stored.original,
@@ -558,6 +545,22 @@ fn decode_inline(id: QueueId, inline: &str) -> Result<Vec<Recipient>, SpoolError
         .collect()
 }
 
+/// A recipient's NOTIFY and ORCPT from their stored form, in the recipient table's columns
+/// or inline.
+fn decode_dsn(
+    notify: Option<&str>,
+    orcpt_type: Option<String>,
+    orcpt_address: Option<String>,
+) -> Result<(Option<Notify>, Option<OriginalRecipient>), String> {
+    let notify = notify.map(parse_notify).transpose()?;
+    let orcpt = match (orcpt_type, orcpt_address) {
+        (Some(addr_type), Some(address)) => Some(OriginalRecipient { addr_type, address }),
+        (None, None) => None,
+        _ => return Err("half an ORCPT".into()),
+    };
+    Ok((notify, orcpt))
+}
+
 /// A row of the recipient table: the message id, the index and the recipient.
 fn decode_recipient(row: &Row<'_>) -> Result<(QueueId, i64, Recipient), SpoolError> {
     let context = || "reading a recipient row".to_string();
@@ -565,17 +568,10 @@ fn decode_recipient(row: &Row<'_>) -> Result<(QueueId, i64, Recipient), SpoolErr
     let index: i64 = row.get(1).context(context)?;
     let corrupt =
         |what: String| SpoolError::Corrupt(format!("recipient {index} of message {id}: {what}"));
-    let notify = row
-        .get::<_, Option<String>>(4)
-        .context(context)?
-        .map(|text| parse_notify(&text))
-        .transpose()
-        .map_err(corrupt)?;
-    let orcpt = match (row.get(5).context(context)?, row.get(6).context(context)?) {
-        (Some(addr_type), Some(address)) => Some(OriginalRecipient { addr_type, address }),
-        (None, None) => None,
-        _ => return Err(corrupt("half an ORCPT".into())),
-    };
+    let notify: Option<String> = row.get(4).context(context)?;
+    let (notify, orcpt) =
+        decode_dsn(notify.as_deref(), row.get(5).context(context)?, row.get(6).context(context)?)
+            .map_err(corrupt)?;
     let status: String = row.get(7).context(context)?;
     let attempts: i64 = row.get(8).context(context)?;
     let next_attempt: Option<i64> = row.get(9).context(context)?;

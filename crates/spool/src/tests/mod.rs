@@ -531,6 +531,23 @@ fn pending_recipients_stay_inline_until_an_outcome_keeps_the_message() {
     assert_eq!(recipients_stored_count(dir.path()), 0);
     spool.close().unwrap();
     assert_eq!(integrity_check(dir.path()), "ok");
+
+    // Recipients in both places: the spool says so rather than pick one.
+    let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    connection
+        .execute(
+            "INSERT INTO recipient (message_id, idx, address, original, status, attempts)
+             VALUES (?1, 0, 'a@example.com', 'a@example.com', 'pending', 0)",
+            [fresh.id.0 as i64],
+        )
+        .unwrap();
+    drop(connection);
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let both = rt.block_on(spool.list());
+    assert!(
+        matches!(&both, Err(SpoolError::Corrupt(what)) if what.contains("both inline and in the recipient table")),
+        "{both:?}"
+    );
 }
 
 fn recipients_stored_count(dir: &Path) -> i64 {
