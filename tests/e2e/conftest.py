@@ -159,15 +159,16 @@ class Server:
         raise AssertionError(f"{mailbox}: expected {count} messages, found {len(self.messages(mailbox))}\n{self.log()[-3000:]}")
 
     def queued(self):
-        """Messages still in the spool, read from its database."""
-        import sqlite3
-
-        db = self.data_dir / "spool" / "queue.db"
-        connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            return connection.execute("SELECT count(*) FROM message").fetchone()[0]
-        finally:
-            connection.close()
+        """Messages still in the spool (journal and database), as `postilion queue count`
+        reads them while the server runs."""
+        counted = subprocess.run(
+            [str(BINARY), "queue", "count", "--data", str(self.data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert counted.returncode == 0, counted.stderr
+        return int(counted.stdout)
 
     def wait_until_queue_empty(self, timeout=30):
         deadline = time.time() + timeout

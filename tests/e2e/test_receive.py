@@ -365,16 +365,16 @@ def test_pipelining_replies_in_order_from_one_write(server):
 def test_spool_and_maildir_are_private(server):
     with smtplib.SMTP("127.0.0.1", server.port()) as client:
         client.sendmail("a@example.org", ["priv@localhost"], b"Subject: p\r\n\r\nx\r\n")
-        # Large enough for a segment file.
         client.sendmail("a@example.org", ["priv@localhost"], b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n") * 400)
     server.wait_for_messages("priv", 2)
     spool = server.data_dir / "spool"
-    directories = [server.data_dir, spool, spool / "segments", server.data_dir / "maildir", server.maildir("priv") / "new"]
+    directories = [server.data_dir, spool, spool / "journal", spool / "segments", server.data_dir / "maildir", server.maildir("priv") / "new"]
     for path in directories:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o700, path
     files = [path for path in spool.iterdir() if path.is_file()]
-    files += list((spool / "segments").iterdir()) + list((server.maildir("priv") / "new").iterdir())
-    assert any(path.parent.name == "segments" for path in files)
+    files += list((spool / "journal").iterdir()) + list((spool / "segments").iterdir())
+    files += list((server.maildir("priv") / "new").iterdir())
+    assert any(path.parent.name == "journal" for path in files)
     for path in files:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
 

@@ -10,6 +10,7 @@ mod log;
 mod notify;
 mod outbound;
 mod privileges;
+mod queue_listing;
 mod router;
 mod server;
 mod slots;
@@ -60,6 +61,17 @@ enum Commands {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Shows the mail queue (read from <data_dir>/spool; the server may be running).
+    Queue {
+        #[command(subcommand)]
+        command: queue_listing::QueueCommand,
+        /// The configuration file whose data_dir to use.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        /// The data directory; overrides the configuration's.
+        #[arg(long, global = true)]
+        data: Option<PathBuf>,
+    },
     /// Manages the accounts that may authenticate (kept in <data_dir>/accounts.db).
     User {
         #[command(subcommand)]
@@ -71,6 +83,16 @@ enum Commands {
         #[arg(long, global = true)]
         data: Option<PathBuf>,
     },
+}
+
+/// The data directory a command works on: given, from the configuration file, or the
+/// default.
+fn data_dir(data: Option<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match (data, config) {
+        (Some(data), _) => data,
+        (None, Some(path)) => Config::load(&path)?.data_dir,
+        (None, None) => Config::default().data_dir,
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,13 +112,9 @@ fn main() -> anyhow::Result<()> {
             println!("{}: ok", config.display());
             Ok(())
         }
-        Commands::User { command, config, data } => {
-            let data_dir = match (data, config) {
-                (Some(data), _) => data,
-                (None, Some(path)) => Config::load(&path)?.data_dir,
-                (None, None) => Config::default().data_dir,
-            };
-            users::run(command, &data_dir)
+        Commands::User { command, config, data } => users::run(command, &data_dir(data, config)?),
+        Commands::Queue { command, config, data } => {
+            queue_listing::run(command, &data_dir(data, config)?)
         }
         Commands::Serve { config, data } => {
             let mut config = match config {

@@ -182,12 +182,12 @@ fn sql_id(id: QueueId) -> i64 {
     id.0 as i64
 }
 
-fn sql_millis(time: SystemTime) -> i64 {
+pub(crate) fn sql_millis(time: SystemTime) -> i64 {
     let millis = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
     i64::try_from(millis).unwrap_or(i64::MAX)
 }
 
-fn from_sql_millis(millis: i64) -> SystemTime {
+pub(crate) fn from_sql_millis(millis: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0))
 }
 
@@ -199,20 +199,10 @@ pub(crate) fn store(
 ) -> Result<(), SpoolError> {
     let id = sql_id(message.id);
     let context = || format!("storing message {}", message.id);
-    let envelope =
-        serde_json::to_string(&StoredEnvelope::from(&message.envelope)).map_err(|e| {
-            SpoolError::Corrupt(format!("encoding the envelope of {}: {e}", message.id))
-        })?;
-    let all_pending = !message.recipients.is_empty()
-        && message.recipients.iter().all(|recipient| recipient.status == RecipientStatus::Pending);
+    let envelope = encode_envelope(message)?;
+    let all_pending = all_pending(message);
     let inline = match all_pending {
-        true => {
-            let inline: Vec<InlineRecipient> =
-                message.recipients.iter().map(InlineRecipient::from).collect();
-            Some(serde_json::to_string(&inline).map_err(|e| {
-                SpoolError::Corrupt(format!("encoding the recipients of {}: {e}", message.id))
-            })?)
-        }
+        true => Some(encode_inline(message)?),
         false => None,
     };
     connection
@@ -247,6 +237,48 @@ pub(crate) fn store(
         insert_recipients(connection, message.id, &message.recipients)?;
     }
     Ok(())
+}
+
+/// Whether every recipient of a message is still to be tried (and there is one): such a
+/// message's recipients can be stored inline, see [`encode_inline`].
+pub(crate) fn all_pending(message: &NewMessage) -> bool {
+    !message.recipients.is_empty()
+        && message.recipients.iter().all(|recipient| recipient.status == RecipientStatus::Pending)
+}
+
+/// The envelope as stored (JSON, see `StoredEnvelope`), without the time of receipt.
+pub(crate) fn encode_envelope(message: &NewMessage) -> Result<String, SpoolError> {
+    serde_json::to_string(&StoredEnvelope::from(&message.envelope))
+        .map_err(|e| SpoolError::Corrupt(format!("encoding the envelope of {}: {e}", message.id)))
+}
+
+/// The envelope stored by [`encode_envelope`].
+pub(crate) fn decode_envelope(
+    id: QueueId,
+    envelope: &str,
+    received_at: SystemTime,
+) -> Result<Envelope, SpoolError> {
+    let corrupt = |what: String| SpoolError::Corrupt(format!("message {id}: envelope: {what}"));
+    let stored: StoredEnvelope =
+        serde_json::from_str(envelope).map_err(|e| corrupt(e.to_string()))?;
+    stored.into_envelope(received_at).map_err(corrupt)
+}
+
+/// The recipients of a message whose recipients are [`all_pending`], as stored inline (JSON,
+/// see `InlineRecipient`); [`decode_inline`] reads them back.
+pub(crate) fn encode_inline(message: &NewMessage) -> Result<String, SpoolError> {
+    let inline: Vec<InlineRecipient> =
+        message.recipients.iter().map(InlineRecipient::from).collect();
+    serde_json::to_string(&inline)
+        .map_err(|e| SpoolError::Corrupt(format!("encoding the recipients of {}: {e}", message.id)))
+}
+
+/// Whether a message is in the database.
+pub(crate) fn exists(connection: &Connection, id: QueueId) -> Result<bool, SpoolError> {
+    connection
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM message WHERE id = ?1)")
+        .and_then(|mut select| select.query_row([sql_id(id)], |row| row.get(0)))
+        .context(|| format!("looking for message {id}"))
 }
 
 /// Writes a message's recipients into the recipient table.
@@ -482,12 +514,10 @@ fn decode_message(row: &Row<'_>) -> Result<QueuedMessage, SpoolError> {
     let size: i64 = row.get(2).context(context)?;
     let received_at = from_sql_millis(row.get(3).context(context)?);
     let corrupt = |what: String| SpoolError::Corrupt(format!("message {id}: {what}"));
-    let stored: StoredEnvelope =
-        serde_json::from_str(&envelope).map_err(|e| corrupt(format!("envelope: {e}")))?;
     let inline: Option<String> = row.get(4).context(context)?;
     Ok(QueuedMessage {
         id,
-        envelope: stored.into_envelope(received_at).map_err(corrupt)?,
+        envelope: decode_envelope(id, &envelope, received_at)?,
         // From the recipient table when NULL, see list.
         recipients: inline
             .map(|inline| decode_inline(id, &inline))
@@ -521,7 +551,7 @@ impl From<&Recipient> for InlineRecipient {
 }
 
 /// The recipients in `message.recipients`, all pending.
-fn decode_inline(id: QueueId, inline: &str) -> Result<Vec<Recipient>, SpoolError> {
+pub(crate) fn decode_inline(id: QueueId, inline: &str) -> Result<Vec<Recipient>, SpoolError> {
     let corrupt = |what: String| SpoolError::Corrupt(format!("recipients of message {id}: {what}"));
     let stored: Vec<InlineRecipient> =
         serde_json::from_str(inline).map_err(|e| corrupt(e.to_string()))?;

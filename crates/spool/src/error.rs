@@ -20,6 +20,9 @@ pub enum SpoolError {
     StorageFull,
     #[error("message {0} is not in the spool")]
     NotFound(QueueId),
+    /// A message with this id is stored already.
+    #[error("message {0} is already in the spool")]
+    AlreadyStored(QueueId),
     #[error("message {id} has no recipient with index {index}")]
     NoSuchRecipient { id: QueueId, index: usize },
     /// Stored data this program cannot use: damage, changes made behind its back, or the

@@ -13,39 +13,50 @@
 //! or of the machine. [`SqliteSpool`] gives that guarantee when the future returned by
 //! [`QueueStore::store`] resolves `Ok`:
 //!
-//! * The envelope, the recipients and the content are written in **one SQLite transaction**,
-//!   so after a crash the message is either wholly there or wholly absent, never half stored.
+//! * New mail goes to the **journal** (see `journal`): the writer appends every message of a
+//!   batch, envelope, recipients and content, as one record with a checksum, to the current
+//!   journal file with one write; the **sync thread syncs the file** (`fdatasync`) in a call
+//!   that started after the write returned, and only then answers. A record torn by a crash
+//!   fails its checksum and is ignored at recovery, so a message is either wholly there or
+//!   wholly absent, never half stored. Most mail is delivered at its first attempt and
+//!   removed by a removal record, and SQLite never sees it.
+//! * A message that stays (an outcome recorded without removing it: a deferral, a partial
+//!   delivery) **moves into SQLite** in the transaction that records the outcome; the
+//!   database's copy is the message from then on. A journal file is reclaimed only once
+//!   every message in it is removed or moved, and after the database's log is synced, so a
+//!   move is never lost with its journal entry. Messages that wait long in the journal are
+//!   moved too, when it grows past its bound.
 //! * The database runs in **WAL mode**: `COMMIT` appends the transaction's pages and a
 //!   checksummed commit frame to the write-ahead log. On the next open SQLite replays the log
 //!   up to the last intact commit frame, so a transaction torn by a crash is ignored.
 //! * The writer's `COMMIT` does not sync the log (`synchronous=NORMAL`, which in WAL mode
 //!   still syncs a new log header when the log starts over after a checkpoint, so that a
-//!   crash cannot replay an old frame over newer data); a transaction that stores mail is answered only
-//!   after the **sync thread has synced the log** (`fdatasync`) in a call that started after
-//!   the commit returned: then its frames, and every frame before them, are on stable
-//!   storage. This is what `synchronous=FULL` does, but done on another thread, so the writer
-//!   prepares the next batch while the disk flushes (see `writer::Syncer`).
+//!   crash cannot replay an old frame over newer data). A transaction that stores mail (a
+//!   message whose recipients were already tried, which the journal does not take) is
+//!   answered only after the sync thread has synced the log, as for the journal: then its
+//!   frames, and every frame before them, are on stable storage.
 //! * A body larger than 16 KiB is not written into SQLite (which would write it twice: to the
 //!   log, then at the checkpoint) but appended to a segment file, which is synced
 //!   (`fdatasync`) before the transaction that points at it commits. See `segments`.
-//! * Transactions that only record what happened to stored mail (delivery outcomes,
-//!   removals) are answered at their commit, without waiting for a sync. The log is written
-//!   in order, so the next sync makes them durable too, and when none comes a checkpoint
-//!   does within a second. Losing one to a power failure repeats a delivery; it never loses
-//!   mail.
-//! * Nothing answers a caller before its transaction has committed (and, for stored mail,
-//!   before the sync after it).
+//! * Operations that only record what happened to stored mail (delivery outcomes,
+//!   removals, moves) are answered once written, without waiting for a sync. Files are
+//!   written in order, so the next sync makes them durable too, and when none comes the
+//!   writer (journal) or a checkpoint (database) syncs within a second. Losing one to a
+//!   power failure repeats a delivery; it never loses mail.
+//! * Nothing answers a caller before its write (and, for stored mail, the sync after it).
 //! * New directory entries are durable too: [`SqliteSpool::open`] fsyncs the parent of every
-//!   directory it creates and the spool directory after creating the database file, and
-//!   SQLite fsyncs the directory whenever it creates the log file.
+//!   directory it creates and the spool directory after creating the database file, SQLite
+//!   fsyncs the directory whenever it creates the log file, and the journal fsyncs its
+//!   directory after creating a file (reused files keep their names).
 //! * When anything fails (full disk, I/O error) the future resolves `Err` and the server
 //!   answers 4xx, so the client keeps its copy and retries. A failed sync leaves the
-//!   transaction committed, and perhaps durable; the outcome is then a duplicate delivery,
-//!   never a loss. After a failed sync of the log nothing more is acknowledged until the
-//!   spool is opened again: Linux reports a failed writeback once, so a later sync that
-//!   succeeds would not prove the earlier frames durable.
-//! * At start-up the log is synced before segments that no row points into are deleted: a
-//!   process killed with `kill -9` may have left removals in the page cache only.
+//!   write in place, and perhaps durable; the outcome is then a duplicate delivery, never a
+//!   loss. After a failed sync of the journal or the log nothing more is acknowledged until
+//!   the spool is opened again: Linux reports a failed writeback once, so a later sync that
+//!   succeeds would not prove the earlier data durable.
+//! * At start-up the log and the journal files are synced before segments or journal files
+//!   that nothing points into are deleted or reused: a process killed with `kill -9` may have
+//!   left removals in the page cache only.
 //!
 //! What remains is trust in the storage stack: fsync must not return before the data is on
 //! stable media, as for every MTA and database.
@@ -55,10 +66,11 @@
 //! An fsync takes from a hundred microseconds to tens of milliseconds, and one per message
 //! would cap the server at a few hundred messages per second on ordinary disks. Durability
 //! is never traded for speed here; instead concurrent sessions share fsyncs. A single writer
-//! thread owns the write connection. It waits for a request, takes every other request
-//! already queued, applies them all in one transaction and commits once, then hands the
-//! waiters to the sync thread, which syncs once for every batch handed over since its last
-//! sync and answers them all. The busier the server, the more messages each sync carries. One
+//! thread owns the journal and the write connection. It waits for a request, takes every
+//! other request already queued, appends their new mail to the journal as one record,
+//! applies the rest in one transaction and commits once, then hands the waiters to the sync
+//! thread, which syncs once for every batch handed over since its last sync and answers
+//! them all. The busier the server, the more messages each sync carries. One
 //! failing operation (a duplicate id, say) fails only its caller: the batch is then undone
 //! and applied again with each operation in its own savepoint (savepoints cost too much to
 //! take for every operation of every batch, when operations almost never fail).
@@ -67,7 +79,7 @@
 //! that stores mail ends that wait at once.
 //!
 //! Reads (content, listings) use separate read-only connections, which in WAL mode neither
-//! block the writer nor wait for it.
+//! block the writer nor wait for it, and read the journal's files directly.
 //!
 //! # Checkpoints
 //!
@@ -84,6 +96,7 @@
 mod db;
 mod error;
 mod id;
+mod journal;
 mod segments;
 mod sqlite;
 mod writer;
@@ -199,10 +212,10 @@ pub struct QueuedMessage {
 /// Counters for benchmarks and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpoolStats {
-    /// Committed transactions.
+    /// Committed transactions and journal appends.
     pub commits: u64,
-    /// Those of them that stored mail, whose waiters were answered only after a sync of the
-    /// log; the others became durable with the next sync.
+    /// Those of them that stored mail, whose waiters were answered only after a sync; the
+    /// others became durable with the next sync.
     pub synced_commits: u64,
     /// Operations (store, update, remove) those commits made.
     pub operations: u64,
@@ -210,14 +223,14 @@ pub struct SpoolStats {
     pub messages_stored: u64,
     /// Checkpoints run (copying the log back into the database).
     pub checkpoints: u64,
-    /// Syncs of the log by the sync thread, each answering every waiter whose commit came
-    /// before it.
+    /// Syncs by the sync thread (of the journal, or the log), each answering every waiter
+    /// whose write came before it.
     pub log_syncs: u64,
     /// Times the log started over from its first frame, everything in it having been
     /// copied into the database.
     pub log_restarts: u64,
-    /// A sync of the log failed: nothing is acknowledged any more until the spool is opened
-    /// again (Linux reports a failed writeback only once).
+    /// A sync of the log or the journal failed: nothing is acknowledged any more until the
+    /// spool is opened again (Linux reports a failed writeback only once).
     pub log_sync_failed: bool,
 }
 

@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::error::Context;
+use crate::journal::{self, Journal, SharedIndex};
 use crate::segments::Segments;
 use crate::writer::{CheckpointerHandle, Counters, Operation, Request, Syncer, Writer};
 use crate::{
@@ -50,6 +51,14 @@ impl SqliteSpool {
     /// if needed, checks the queue metadata and starts the writer thread. Fails if the spool
     /// is already open, in this process or another.
     pub fn open(dir: &Path) -> Result<SqliteSpool, SpoolError> {
+        SqliteSpool::open_with(dir, journal::Limits::default())
+    }
+
+    /// [`SqliteSpool::open`] with other journal limits (small ones, for tests).
+    pub(crate) fn open_with(
+        dir: &Path,
+        journal_limits: journal::Limits,
+    ) -> Result<SqliteSpool, SpoolError> {
         create_private_dir(dir)?;
         let lock = lock(&dir.join(LOCK))?;
         let path = dir.join(DATABASE);
@@ -81,6 +90,10 @@ impl SqliteSpool {
         log.sync_data().context(|| format!("syncing {}", log_path.display()))?;
         let segments = Segments::open(dir, &db::referenced_segments(&connection)?)?;
         let segments_dir = segments.dir().to_path_buf();
+        // After the log's sync: a message the journal still has and SQLite has too moved
+        // there, durably.
+        let journal = Journal::open(dir, journal_limits, &mut |id| db::exists(&connection, id))?;
+        let journal_index = journal.index();
         // From here on the writer's commits do not sync the log; the sync thread does before
         // anyone is answered (see writer::Syncer). NORMAL rather than OFF: in WAL mode NORMAL
         // skips the sync at commit but keeps the one SQLite makes of a new log header when it
@@ -90,13 +103,14 @@ impl SqliteSpool {
             .context(|| "setting synchronous = NORMAL on the writer".into())?;
 
         let counters = Arc::new(Counters::default());
-        // Three threads sync the log: the sync thread, the checkpoint thread and the writer
-        // (before it deletes a segment); each has its own handle.
-        let log_handle = || log.try_clone().context(|| format!("opening {}", log_path.display()));
-        let syncer = Syncer::start(log_handle()?, counters.clone())?;
+        // The checkpoint thread syncs the log through its own handle; the writer and the
+        // sync thread share one.
+        let checkpoint_log =
+            log.try_clone().context(|| format!("opening {}", log_path.display()))?;
+        let syncer = Syncer::start(counters.clone())?;
         let checkpointer = CheckpointerHandle::start(
             open_checkpointer(&path)?,
-            log_handle()?,
+            checkpoint_log,
             &mut connection,
             counters.clone(),
         )?;
@@ -108,7 +122,8 @@ impl SqliteSpool {
             checkpointer,
             syncer,
             segments,
-            log,
+            log: Arc::new(log),
+            journal,
         };
         let (requests, receiver) = mpsc::channel();
         let writer = std::thread::Builder::new()
@@ -121,9 +136,34 @@ impl SqliteSpool {
         Ok(SqliteSpool {
             requests: Some(requests),
             writer: Some(writer),
-            readers: Arc::new(Readers { path, segments_dir, idle: Mutex::new(Vec::new()) }),
+            readers: Arc::new(Readers {
+                path,
+                segments_dir,
+                journal: journal_index,
+                idle: Mutex::new(Vec::new()),
+            }),
             counters,
         })
+    }
+
+    /// The queue in `dir`, read without opening the spool (while the server has it open,
+    /// say): every message with its recipients, oldest first. A snapshot, as of a moment
+    /// during the call.
+    pub fn read_queue(dir: &Path) -> Result<Vec<QueuedMessage>, SpoolError> {
+        // A journal file reused while it was read: the writer moved on, read again.
+        let mut attempts = 0;
+        let in_journal = loop {
+            attempts += 1;
+            match journal::read_only(dir) {
+                Err(error) if attempts < 3 => {
+                    warn!(%error, "reading the spool journal again");
+                }
+                result => break result?,
+            }
+        };
+        // After the journal: a message moving meanwhile is found in both, never in neither.
+        let mut connection = open_reader(&dir.join(DATABASE))?;
+        Ok(merge_by_id(db::list(&mut connection)?, in_journal))
     }
 
     /// Stops the writer after it has finished every operation already submitted, and closes
@@ -184,8 +224,12 @@ impl QueueStore for SqliteSpool {
     }
 
     fn load_content(&self, id: QueueId) -> BoxFuture<'_, Result<Vec<u8>, SpoolError>> {
-        let segments_dir = self.readers.segments_dir.clone();
-        Box::pin(self.read(move |connection| db::load_content(connection, &segments_dir, id)))
+        let (segments_dir, journal) =
+            (self.readers.segments_dir.clone(), self.readers.journal.clone());
+        Box::pin(self.read(move |connection| match journal::load_content(&journal, id) {
+            Some(content) => content,
+            None => db::load_content(connection, &segments_dir, id),
+        }))
     }
 
     fn update_recipients(
@@ -215,7 +259,14 @@ impl QueueStore for SqliteSpool {
     }
 
     fn list(&self) -> BoxFuture<'_, Result<Vec<QueuedMessage>, SpoolError>> {
-        Box::pin(self.read(db::list))
+        let journal = self.readers.journal.clone();
+        Box::pin(self.read(move |connection| {
+            // The journal first: a message moving to SQLite meanwhile is then found in both
+            // (and listed once), never in neither.
+            let in_journal = journal::list(&journal)?;
+            let in_database = db::list(connection)?;
+            Ok(merge_by_id(in_database, in_journal))
+        }))
     }
 
     fn stats(&self) -> SpoolStats {
@@ -228,6 +279,7 @@ impl QueueStore for SqliteSpool {
 struct Readers {
     path: PathBuf,
     segments_dir: PathBuf,
+    journal: SharedIndex,
     idle: Mutex<Vec<Connection>>,
 }
 
@@ -249,6 +301,21 @@ impl Readers {
         }
         result
     }
+}
+
+/// Two lists of messages sorted by id as one; a message in both is taken from the first.
+fn merge_by_id(first: Vec<QueuedMessage>, second: Vec<QueuedMessage>) -> Vec<QueuedMessage> {
+    let mut merged = Vec::with_capacity(first.len() + second.len());
+    let mut second = second.into_iter().peekable();
+    for message in first {
+        while let Some(earlier) = second.next_if(|other| other.id < message.id) {
+            merged.push(earlier);
+        }
+        second.next_if(|other| other.id == message.id);
+        merged.push(message);
+    }
+    merged.extend(second);
+    merged
 }
 
 /// A connection to the spool database, waiting up to [`BUSY_TIMEOUT`] for locks.

@@ -1,5 +1,6 @@
 //! The writer thread (group commit), the sync thread and the checkpointer thread.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, warn};
 
 use crate::error::Context;
+use crate::journal::{EncodedMessage, Journal, Residence};
 use crate::segments::{BodyLocation, INLINE_LIMIT, Segments};
 use crate::{NewMessage, QueueId, RecipientStatus, SpoolError, SpoolStats, db};
 
@@ -64,6 +66,9 @@ pub(crate) enum Operation {
         remove: bool,
         new: Vec<NewMessage>,
     },
+    /// Not a request: a message moving from the journal into SQLite with its outcome applied
+    /// (first), and the messages that outcome stores.
+    Move(Vec<NewMessage>),
 }
 
 pub(crate) struct Request {
@@ -76,7 +81,9 @@ impl Operation {
     fn new_messages(&self) -> &[NewMessage] {
         match self {
             Operation::Store(message) => std::slice::from_ref(message),
-            Operation::StoreAll(messages) | Operation::Outcome { new: messages, .. } => messages,
+            Operation::StoreAll(messages)
+            | Operation::Outcome { new: messages, .. }
+            | Operation::Move(messages) => messages,
             Operation::Update(..) | Operation::Remove(_) => &[],
         }
     }
@@ -95,19 +102,16 @@ impl Operation {
     fn needs_fsync(&self) -> bool {
         match self {
             Operation::Store(_) | Operation::StoreAll(_) => true,
-            Operation::Update(..) | Operation::Remove(_) | Operation::Outcome { .. } => false,
+            Operation::Update(..)
+            | Operation::Remove(_)
+            | Operation::Outcome { .. }
+            | Operation::Move(_) => false,
         }
     }
-}
 
-impl Request {
+    /// Octets of content the operation stores.
     fn bytes(&self) -> usize {
-        match &self.operation {
-            Operation::Store(message) => message.content.len(),
-            Operation::StoreAll(messages) => messages.iter().map(|m| m.content.len()).sum(),
-            Operation::Outcome { new, .. } => new.iter().map(|m| m.content.len()).sum(),
-            Operation::Update(..) | Operation::Remove(_) => 0,
-        }
+        self.new_messages().iter().map(|message| message.content.len()).sum()
     }
 }
 
@@ -153,6 +157,19 @@ enum Commit {
     Unsynced,
 }
 
+/// Where an operation of a batch is carried out.
+enum Route {
+    /// In SQLite.
+    Database,
+    /// In the journal: the operation's new messages are appended, and `remove` is removed.
+    Journal { remove: Option<QueueId> },
+    /// The message `id` moves from the journal into SQLite, with `operation` (a
+    /// [`Operation::Move`]).
+    Move { id: QueueId, operation: Operation },
+    /// Known to fail before anything is written.
+    Failed(SpoolError),
+}
+
 /// An error that ends the whole transaction, not just one operation.
 struct TransactionFailed(SpoolError);
 
@@ -167,8 +184,9 @@ pub(crate) struct Writer {
     pub(crate) checkpointer: CheckpointerHandle,
     pub(crate) syncer: Syncer,
     pub(crate) segments: Segments,
-    /// The log file, synced before a segment is deleted.
-    pub(crate) log: File,
+    /// The log file, synced before a segment is deleted or a journal file reclaimed.
+    pub(crate) log: Arc<File>,
+    pub(crate) journal: Journal,
 }
 
 impl Writer {
@@ -176,8 +194,25 @@ impl Writer {
     pub(crate) fn run(mut self, requests: Receiver<Request>) -> Result<(), SpoolError> {
         // Block for the first request, then take whatever else is already waiting: the
         // requests that arrived during the previous commit's fsync share the next one.
-        while let Ok(first) = requests.recv() {
-            let mut bytes = first.bytes();
+        // While journal records wait for a sync (removals), wait at most until it is due.
+        let mut unsynced_since: Option<Instant> = None;
+        loop {
+            let first = match unsynced_since {
+                None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(since) => requests.recv_timeout(
+                    (since + LAZY_SYNC_DELAY).saturating_duration_since(Instant::now()),
+                ),
+            };
+            let first = match first {
+                Ok(first) => first,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.sync_journal();
+                    unsynced_since = None;
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut bytes = first.operation.bytes();
             let mut urgent = first.operation.needs_fsync();
             let mut batch = vec![first];
             let linger_until = Instant::now() + LAZY_LINGER;
@@ -194,7 +229,7 @@ impl Writer {
                     }
                 };
                 urgent |= request.operation.needs_fsync();
-                bytes += request.bytes();
+                bytes += request.operation.bytes();
                 batch.push(request);
             }
             if self.counters.log_sync_failed.load(Ordering::Relaxed) {
@@ -206,24 +241,20 @@ impl Writer {
                 );
                 continue;
             }
-            let (results, committed) = self.apply_batch(&batch, bytes);
-            let replies: Replies =
-                batch.into_iter().map(|request| request.reply).zip(results).collect();
-            match committed {
-                Some(Commit::Synced) => self.syncer.sync_then_reply(replies),
-                Some(Commit::Unsynced) | None => reply(replies),
-            }
-            // After the hand-over, so that this batch's waiters do not wait for the writer's
-            // checkpoint (the next batch's requests do: two fsyncs, every 1000 frames or so).
-            if let Some(commit) = committed {
-                self.checkpointer.committed(commit == Commit::Synced, &self.connection);
-            }
+            self.apply_batch(batch);
+            self.reclaim_journal();
+            self.compact_journal();
+            unsynced_since = match self.journal.unsynced() {
+                true => unsynced_since.or_else(|| Some(Instant::now())),
+                false => None,
+            };
         }
         // Every acknowledgement goes out before the spool closes. The checkpointer's
         // connection goes first, so that this one is the last: the last connection to close
         // checkpoints and removes the log, which it must sync first (FULL) before the log's
         // contents are gone. Close before releasing the lock, so that a new owner never
         // shares the files with this connection.
+        self.sync_journal();
         let Writer { connection, lock, checkpointer, syncer, .. } = self;
         syncer.stop();
         checkpointer.stop();
@@ -235,9 +266,303 @@ impl Writer {
         closed
     }
 
-    /// Applies a batch in one transaction; returns each operation's result, and the commit
-    /// made, if any.
-    fn apply_batch(&mut self, batch: &[Request], bytes: usize) -> (Results, Option<Commit>) {
+    /// Applies a batch: its journal part with one append, its database part in one
+    /// transaction. Answers each request once what it did is durable (new mail) or written
+    /// (records of outcomes, see [`Operation::needs_fsync`]).
+    fn apply_batch(&mut self, batch: Vec<Request>) {
+        let (waiters, operations): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|request| (request.reply, request.operation)).unzip();
+        let routes = self.route(&operations);
+        let mut results: Results = vec![Ok(()); operations.len()];
+
+        // The database's part.
+        let database: Vec<(usize, &Operation)> = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, route)| match route {
+                Route::Database => Some((i, &operations[i])),
+                Route::Move { operation, .. } => Some((i, operation)),
+                Route::Journal { .. } | Route::Failed(_) => None,
+            })
+            .collect();
+        let mut committed = None;
+        if !database.is_empty() {
+            let ops: Vec<&Operation> = database.iter().map(|(_, operation)| *operation).collect();
+            let (database_results, commit) = self.apply_transaction(&ops);
+            committed = commit;
+            let (mut moved, mut removed) = (Vec::new(), Vec::new());
+            for ((i, operation), result) in database.iter().zip(database_results) {
+                if result.is_ok() {
+                    match (&routes[*i], operation) {
+                        (Route::Move { id, .. }, _) => moved.push(*id),
+                        (_, Operation::Remove(id))
+                        | (_, Operation::Outcome { id, remove: true, .. }) => removed.push(*id),
+                        _ => {}
+                    }
+                }
+                results[*i] = result;
+            }
+            self.journal.moved(&moved);
+            self.journal.removed_from_database(&removed);
+        }
+        for (i, route) in routes.iter().enumerate() {
+            if let Route::Failed(error) = route {
+                results[i] = Err(error.clone());
+            }
+        }
+
+        // The journal's part: one record.
+        let mut appended = Vec::new();
+        let mut removals = Vec::new();
+        let mut encoded = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, route) in routes.iter().enumerate() {
+            let Route::Journal { remove } = route else { continue };
+            match self.encode_new(operations[i].new_messages(), &mut seen) {
+                Ok(messages) => {
+                    encoded.extend(messages);
+                    removals.extend(*remove);
+                    appended.push(i);
+                }
+                Err(error) => results[i] = Err(error),
+            }
+        }
+        let mut stored_in_journal = false;
+        if !appended.is_empty() || self.journal.owes_removals() {
+            match self.journal.append(&encoded, &removals) {
+                Ok(_) => {
+                    stored_in_journal = !encoded.is_empty();
+                    self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                    if stored_in_journal {
+                        self.counters.synced_commits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.counters.operations.fetch_add(appended.len() as u64, Ordering::Relaxed);
+                    self.counters
+                        .messages_stored
+                        .fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    warn!(%error, operations = appended.len(), "appending to the spool journal failed");
+                    for i in appended {
+                        results[i] = Err(error.clone());
+                    }
+                }
+            }
+        }
+        drop(encoded);
+
+        // The replies: after a sync for new mail, at once for the rest.
+        let (mut now, mut later) = (Vec::new(), Vec::new());
+        let (mut sync_journal, mut sync_log) = (false, false);
+        for (i, (waiter, result)) in waiters.into_iter().zip(results).enumerate() {
+            let stores = result.is_ok() && !operations[i].new_messages().is_empty();
+            match &routes[i] {
+                Route::Journal { .. } if stores => sync_journal = true,
+                Route::Database if stores && operations[i].needs_fsync() => sync_log = true,
+                _ => {
+                    now.push((waiter, result));
+                    continue;
+                }
+            }
+            later.push((waiter, result));
+        }
+        reply(now);
+        if !later.is_empty() {
+            let mut files = Vec::new();
+            if sync_journal && stored_in_journal {
+                files.push(self.journal.current_file());
+                self.journal.sync_requested();
+            }
+            if sync_log && committed == Some(Commit::Synced) {
+                files.push(self.log.clone());
+            }
+            self.syncer.sync_then_reply(files, later);
+        }
+        // After the hand-over, so that this batch's waiters do not wait for the writer's
+        // checkpoint (the next batch's requests do: two fsyncs, every 1000 frames or so).
+        if let Some(commit) = committed {
+            self.checkpointer.committed(commit == Commit::Synced, &self.connection);
+        }
+    }
+
+    /// Where each operation of a batch is carried out.
+    fn route(&self, operations: &[Operation]) -> Vec<Route> {
+        // Messages that an earlier operation of the batch moves out of the journal (true) or
+        // removes from it (false).
+        let mut handled: HashMap<QueueId, bool> = HashMap::new();
+        let residence = |handled: &HashMap<QueueId, bool>, id: QueueId| match handled.get(&id) {
+            Some(true) => Residence::Elsewhere,
+            Some(false) => Residence::Removed,
+            None => self.journal.residence(id),
+        };
+        operations
+            .iter()
+            .map(|operation| {
+                let route = match operation {
+                    Operation::Store(_) | Operation::StoreAll(_) => {
+                        match operation.new_messages().iter().all(db::all_pending) {
+                            true => Route::Journal { remove: None },
+                            false => Route::Database,
+                        }
+                    }
+                    Operation::Remove(id) => match residence(&handled, *id) {
+                        Residence::Journal => Route::Journal { remove: Some(*id) },
+                        Residence::Removed => Route::Failed(SpoolError::NotFound(*id)),
+                        Residence::Moved | Residence::Elsewhere => Route::Database,
+                    },
+                    Operation::Update(id, updates) => match residence(&handled, *id) {
+                        Residence::Journal => self.plan_move(*id, updates, Vec::new()),
+                        Residence::Removed => Route::Failed(SpoolError::NotFound(*id)),
+                        Residence::Moved | Residence::Elsewhere => Route::Database,
+                    },
+                    Operation::Outcome { id, updates, remove, new } => {
+                        match (residence(&handled, *id), remove) {
+                            (Residence::Journal, true) if new.iter().all(db::all_pending) => {
+                                Route::Journal { remove: Some(*id) }
+                            }
+                            (Residence::Journal, true) => Route::Failed(SpoolError::Corrupt(
+                                format!("a notice about {id} with recipients already tried"),
+                            )),
+                            (Residence::Journal, false) => {
+                                self.plan_move(*id, updates, new.clone())
+                            }
+                            (Residence::Removed, _) => Route::Failed(SpoolError::NotFound(*id)),
+                            (Residence::Moved | Residence::Elsewhere, _) => Route::Database,
+                        }
+                    }
+                    Operation::Move(_) => unreachable!("moves are made here, not requested"),
+                };
+                match (&route, operation) {
+                    (Route::Move { id, .. }, _) => {
+                        handled.insert(*id, true);
+                    }
+                    (Route::Journal { remove: Some(id) }, _) => {
+                        handled.insert(*id, false);
+                    }
+                    _ => {}
+                }
+                route
+            })
+            .collect()
+    }
+
+    /// A message in the journal, with `updates` applied, to store in SQLite with `new`.
+    fn plan_move(
+        &self,
+        id: QueueId,
+        updates: &[(usize, RecipientStatus)],
+        new: Vec<NewMessage>,
+    ) -> Route {
+        match self.move_operation(id, updates, new) {
+            Ok(operation) => Route::Move { id, operation },
+            Err(error) => Route::Failed(error),
+        }
+    }
+
+    /// The [`Operation::Move`] of a message in the journal, with `updates` applied.
+    fn move_operation(
+        &self,
+        id: QueueId,
+        updates: &[(usize, RecipientStatus)],
+        new: Vec<NewMessage>,
+    ) -> Result<Operation, SpoolError> {
+        let (queued, content) = self.journal.read(id)?;
+        let mut recipients = queued.recipients;
+        for (index, status) in updates {
+            let recipient = recipients
+                .get_mut(*index)
+                .ok_or(SpoolError::NoSuchRecipient { id, index: *index })?;
+            recipient.status = status.clone();
+        }
+        let moved =
+            NewMessage { id, envelope: queued.envelope, recipients, content: Arc::new(content) };
+        let mut messages = Vec::with_capacity(1 + new.len());
+        messages.push(moved);
+        messages.extend(new);
+        Ok(Operation::Move(messages))
+    }
+
+    /// Moves the messages left in the oldest journal file into SQLite when the journal has
+    /// grown past its bound (files are reclaimed in order, so one message waiting long, for
+    /// a slow destination, say, would otherwise keep every later file too).
+    fn compact_journal(&mut self) {
+        let waiting = self.journal.overflow();
+        if waiting.is_empty() {
+            return;
+        }
+        let (mut ids, mut operations) = (Vec::new(), Vec::new());
+        for id in waiting {
+            match self.move_operation(id, &[], Vec::new()) {
+                Ok(operation) => {
+                    ids.push(id);
+                    operations.push(operation);
+                }
+                Err(error) => warn!(%error, %id, "cannot move a message out of the journal"),
+            }
+        }
+        let batch: Vec<&Operation> = operations.iter().collect();
+        let (results, committed) = self.apply_transaction(&batch);
+        let mut moved = Vec::with_capacity(ids.len());
+        for (id, result) in ids.into_iter().zip(results) {
+            match result {
+                Ok(()) => moved.push(id),
+                Err(error) => warn!(%error, %id, "cannot move a message out of the journal"),
+            }
+        }
+        debug!(
+            messages = moved.len(),
+            "moved the oldest journal file's messages into the database"
+        );
+        self.journal.moved(&moved);
+        if let Some(commit) = committed {
+            self.checkpointer.committed(commit == Commit::Synced, &self.connection);
+        }
+        self.reclaim_journal();
+    }
+
+    /// The new messages of an operation, ready to append to the journal, unless one of them
+    /// is already stored (or stored earlier in the batch: `seen`).
+    fn encode_new<'a>(
+        &self,
+        messages: &'a [NewMessage],
+        seen: &mut HashSet<QueueId>,
+    ) -> Result<Vec<EncodedMessage<'a>>, SpoolError> {
+        messages
+            .iter()
+            .map(|message| {
+                let id = message.id;
+                let duplicate = !seen.insert(id)
+                    || self.journal.residence(id) != Residence::Elsewhere
+                    || db::exists(&self.connection, id)?;
+                if duplicate {
+                    return Err(SpoolError::AlreadyStored(id));
+                }
+                EncodedMessage::new(message)
+            })
+            .collect()
+    }
+
+    /// Syncs the journal's current file if records were appended to it that no sync covers.
+    fn sync_journal(&mut self) {
+        if self.journal.unsynced() {
+            self.journal.sync_requested();
+            // A failure stops every acknowledgement, see sync_file.
+            let _ = sync_file(&self.journal.current_file(), &self.counters, "the spool journal");
+        }
+    }
+
+    /// Reclaims journal files with no message left. A message that moved to SQLite must be
+    /// durable there before its journal entry goes.
+    fn reclaim_journal(&mut self) {
+        if self.journal.reclaimable() && sync_log(&self.log, &self.counters).is_ok() {
+            self.journal.reclaim_synced();
+        }
+    }
+
+    /// Applies the database's part of a batch in one transaction; returns each operation's
+    /// result, and the commit made, if any.
+    fn apply_transaction(&mut self, batch: &[&Operation]) -> (Results, Option<Commit>) {
+        let bytes: usize = batch.iter().map(|operation| operation.bytes()).sum();
         let (results, committed) = match self.transaction(batch) {
             Ok(committed) => committed,
             Err(TransactionFailed(error)) => {
@@ -256,7 +581,7 @@ impl Writer {
 
     fn transaction(
         &mut self,
-        batch: &[Request],
+        batch: &[&Operation],
     ) -> Result<(Results, Option<Commit>), TransactionFailed> {
         if !self.connection.is_autocommit() {
             // A rollback after an earlier failure did not go through; retry it rather than
@@ -267,7 +592,7 @@ impl Writer {
                 .map_err(TransactionFailed)?;
         }
         let bodies = self.write_bodies(batch);
-        let sync = batch.iter().any(|request| request.operation.needs_fsync());
+        let sync = batch.iter().any(|operation| operation.needs_fsync());
         // IMMEDIATE takes the write lock now rather than at the first write, so an outside
         // reader-turned-writer (an operator's sqlite3 shell) cannot make us fail midway.
         self.connection
@@ -286,12 +611,11 @@ impl Writer {
                 .execute_batch("ROLLBACK; BEGIN IMMEDIATE")
                 .context(|| "starting a spool transaction again, with savepoints".into())
                 .map_err(TransactionFailed)?;
-            for (request, bodies) in batch.iter().zip(bodies) {
+            for (operation, bodies) in batch.iter().zip(bodies) {
                 let result = match bodies {
                     Ok(bodies) => {
                         let mark = emptied.len();
-                        let result =
-                            self.apply_in_savepoint(&request.operation, &bodies, &mut emptied)?;
+                        let result = self.apply_in_savepoint(operation, &bodies, &mut emptied)?;
                         if result.is_err() {
                             emptied.truncate(mark);
                         }
@@ -304,14 +628,13 @@ impl Writer {
         }
         let (mut durable, mut stored) = (0, 0);
         // "durable": committed; made durable at once or with the next fsync, see needs_fsync.
-        for (request, result) in batch.iter().zip(&results) {
+        for (operation, result) in batch.iter().zip(&results) {
             if result.is_ok() {
                 durable += 1;
-                stored += match &request.operation {
-                    Operation::Store(_) => 1,
-                    Operation::StoreAll(messages) => messages.len() as u64,
-                    Operation::Outcome { new, .. } => new.len() as u64,
-                    Operation::Update(..) | Operation::Remove(_) => 0,
+                stored += match operation {
+                    // The first message moves; the others are new.
+                    Operation::Move(messages) => messages.len() as u64 - 1,
+                    operation => operation.new_messages().len() as u64,
                 };
             }
         }
@@ -340,14 +663,13 @@ impl Writer {
     /// messages' bodies went (`None`: inline), or the error that fails the request.
     fn write_bodies(
         &mut self,
-        batch: &[Request],
+        batch: &[&Operation],
     ) -> Vec<Result<Vec<Option<BodyLocation>>, SpoolError>> {
         let mut appended = false;
         let mut bodies: Vec<Result<Vec<Option<BodyLocation>>, SpoolError>> = batch
             .iter()
-            .map(|request| {
-                request
-                    .operation
+            .map(|operation| {
+                operation
                     .new_messages()
                     .iter()
                     .map(|message| match message.content.len() > INLINE_LIMIT {
@@ -421,14 +743,14 @@ impl Writer {
     /// as soon as one fails; the outer result is for failures that end the transaction.
     fn apply_all(
         &self,
-        batch: &[Request],
+        batch: &[&Operation],
         bodies: &[Result<Vec<Option<BodyLocation>>, SpoolError>],
         results: &mut Results,
         emptied: &mut Vec<u64>,
     ) -> Result<bool, TransactionFailed> {
-        for (request, bodies) in batch.iter().zip(bodies) {
+        for (operation, bodies) in batch.iter().zip(bodies) {
             match bodies {
-                Ok(bodies) => match self.apply(&request.operation, bodies, emptied) {
+                Ok(bodies) => match self.apply(operation, bodies, emptied) {
                     Ok(()) => results.push(Ok(())),
                     // On a full disk or an I/O error SQLite may have rolled back the whole
                     // transaction already.
@@ -494,7 +816,7 @@ impl Writer {
         };
         match operation {
             Operation::Store(message) => store_all(std::slice::from_ref(message)),
-            Operation::StoreAll(messages) => store_all(messages),
+            Operation::StoreAll(messages) | Operation::Move(messages) => store_all(messages),
             Operation::Update(id, updates) => db::update_recipients(connection, *id, updates),
             Operation::Remove(id) => db::remove(connection, *id, emptied),
             // The new messages and the outcome commit together or not at all.
@@ -780,33 +1102,37 @@ fn reply(replies: Replies) {
 /// ones, where with `synchronous=FULL` the two took turns. A crash before the sync loses only
 /// transactions no one was told about.
 pub(crate) struct Syncer {
-    batches: Option<std::sync::mpsc::Sender<Replies>>,
+    batches: Option<std::sync::mpsc::Sender<(Vec<Arc<File>>, Replies)>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Syncer {
-    /// `log` is the write-ahead log, opened for reading: fdatasync needs no more.
-    pub(crate) fn start(log: File, counters: Arc<Counters>) -> Result<Syncer, SpoolError> {
+    pub(crate) fn start(counters: Arc<Counters>) -> Result<Syncer, SpoolError> {
         // See Counters::log_sync_failed.
-        let (batches, receiver) = std::sync::mpsc::channel::<Replies>();
+        let (batches, receiver) = std::sync::mpsc::channel::<(Vec<Arc<File>>, Replies)>();
         let thread = std::thread::Builder::new()
             .name("spool-sync".into())
             .spawn(move || {
                 raise_thread_priority();
-                while let Ok(mut replies) = receiver.recv() {
-                    while let Ok(more) = receiver.try_recv() {
+                while let Ok((mut files, mut replies)) = receiver.recv() {
+                    while let Ok((more_files, more)) = receiver.try_recv() {
+                        files.extend(more_files);
                         replies.extend(more);
                     }
+                    // Usually one file: the journal's current one.
+                    files.sort_unstable_by_key(Arc::as_ptr);
+                    files.dedup_by(|a, b| Arc::ptr_eq(a, b));
                     if counters.log_sync_failed.load(Ordering::Relaxed) {
                         reply_failed(replies, log_sync_failed());
                         continue;
                     }
-                    match sync_log(&log, &counters) {
+                    match files.iter().try_for_each(|file| sync_file(file, &counters, "the spool"))
+                    {
                         Ok(()) => {
                             counters.log_syncs.fetch_add(1, Ordering::Relaxed);
                             reply(replies)
                         }
-                        // Committed but perhaps not durable: the clients are told to try
+                        // Written but perhaps not durable: the clients are told to try
                         // again, and a retry may make a duplicate, never a loss.
                         Err(error) => reply_failed(replies, error),
                     }
@@ -816,9 +1142,10 @@ impl Syncer {
         Ok(Syncer { batches: Some(batches), thread: Some(thread) })
     }
 
-    fn sync_then_reply(&self, replies: Replies) {
+    /// Syncs `files` (the journal's, the database's log) and then sends the replies.
+    fn sync_then_reply(&self, files: Vec<Arc<File>>, replies: Replies) {
         let Some(batches) = &self.batches else { return reply_closed(replies) };
-        if let Err(std::sync::mpsc::SendError(replies)) = batches.send(replies) {
+        if let Err(std::sync::mpsc::SendError((_, replies))) = batches.send((files, replies)) {
             error!("the spool sync thread is gone");
             reply_closed(replies);
         }
@@ -849,14 +1176,20 @@ fn reply_failed(replies: Replies, error: SpoolError) {
     );
 }
 
-/// Syncs the log. The sync thread, the checkpoint thread and the writer each sync it, through
-/// handles of one open file, and Linux reports a failed writeback to only one of them: so
-/// whichever sees the failure stops all acknowledgements (see [`Counters::log_sync_failed`]).
+/// Syncs the database's log; see [`sync_file`].
 fn sync_log(log: &File, counters: &Counters) -> Result<(), SpoolError> {
-    log.sync_data().map_err(|error| {
+    sync_file(log, counters, "the spool log")
+}
+
+/// Syncs a file of the spool (the database's log, a journal file). Several threads sync
+/// them, through handles of one open file, and Linux reports a failed writeback to only one
+/// of them: so whichever sees the failure stops all acknowledgements (see
+/// [`Counters::log_sync_failed`]).
+fn sync_file(file: &File, counters: &Counters, what: &str) -> Result<(), SpoolError> {
+    file.sync_data().map_err(|error| {
         counters.log_sync_failed.store(true, Ordering::Relaxed);
-        let error = SpoolError::io("syncing the spool log".into(), error);
-        error!(%error, "spool log sync failed; no more mail is accepted until the server is restarted");
+        let error = SpoolError::io(format!("syncing {what}"), error);
+        error!(%error, "spool sync failed; no more mail is accepted until the server is restarted");
         error
     })
 }

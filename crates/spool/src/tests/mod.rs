@@ -64,6 +64,25 @@ pub(crate) fn integrity_check(dir: &Path) -> String {
     rows.join("; ")
 }
 
+/// A message with a recipient already tried: stored in SQLite rather than the journal, as
+/// a message is once an outcome keeps it.
+pub(crate) fn tried(content: &[u8]) -> NewMessage {
+    let mut message = message(content);
+    message.recipients[1].status = RecipientStatus::Deferred {
+        attempts: 1,
+        next_attempt: millis(60_000),
+        last_error: "451 4.4.1 no answer".into(),
+        delay_notified: false,
+    };
+    message
+}
+
+/// Messages in SQLite's message table.
+fn database_messages(dir: &Path) -> i64 {
+    let connection = rusqlite::Connection::open(dir.join("queue.db")).unwrap();
+    connection.query_row("SELECT count(*) FROM message", [], |row| row.get(0)).unwrap()
+}
+
 fn millis(millis: u64) -> std::time::SystemTime {
     UNIX_EPOCH + Duration::from_millis(millis)
 }
@@ -279,8 +298,8 @@ fn failing_operations_fail_only_their_callers() {
             .collect();
         for task in tasks {
             match task.await.unwrap() {
-                (i, Err(SpoolError::Database { context, .. })) if i % 2 == 0 => {
-                    assert!(context.contains(&original.id.to_string()), "{context}");
+                (i, Err(SpoolError::AlreadyStored(id))) if i % 2 == 0 => {
+                    assert_eq!(id, original.id);
                 }
                 (i, Ok(())) if i % 2 == 1 => {}
                 (i, result) => panic!("store {i}: {result:?}"),
@@ -481,27 +500,26 @@ fn recipients_stored(dir: &Path, id: QueueId) -> (Option<String>, i64) {
 }
 
 #[test]
-fn pending_recipients_stay_inline_until_an_outcome_keeps_the_message() {
+fn new_mail_stays_in_the_journal_until_an_outcome_keeps_it() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     let spool = SqliteSpool::open(dir.path()).unwrap();
-    let mut stored = message(b"inline");
+    let mut stored = message(b"journal");
     // Without NOTIFY and ORCPT (the other one has both).
     stored.recipients[1].notify = None;
     stored.recipients[1].orcpt = None;
     rt.block_on(spool.store(stored.clone())).unwrap();
     let delivered_at_once = message(b"delivered at the first attempt");
     rt.block_on(spool.store(delivered_at_once.clone())).unwrap();
-    let (inline, rows) = recipients_stored(dir.path(), stored.id);
-    assert!(inline.is_some() && rows == 0, "{inline:?} {rows}");
+    assert_eq!(database_messages(dir.path()), 0, "new mail is in the journal only");
     assert_eq!(
         rt.block_on(spool.list()).unwrap(),
         vec![queued(&stored), queued(&delivered_at_once)]
     );
 
-    // Removed at once: no row was ever written for it.
+    // Removed at once: SQLite never saw it.
     rt.block_on(spool.remove(delivered_at_once.id)).unwrap();
-    // An outcome that keeps the message moves its recipients to the table.
+    // An outcome that keeps the message moves it into SQLite, its recipients into the table.
     let deferred = RecipientStatus::Deferred {
         attempts: 1,
         next_attempt: millis(60_000),
@@ -509,12 +527,12 @@ fn pending_recipients_stay_inline_until_an_outcome_keeps_the_message() {
         delay_notified: false,
     };
     rt.block_on(spool.update_recipients(stored.id, vec![(1, deferred.clone())])).unwrap();
-    let (inline, rows) = recipients_stored(dir.path(), stored.id);
-    assert!(inline.is_none() && rows == 2, "{inline:?} {rows}");
+    assert_eq!(recipients_stored(dir.path(), stored.id), (None, 2));
     let mut expected = queued(&stored);
     expected.recipients[1].status = deferred;
     assert_eq!(rt.block_on(spool.list()).unwrap(), vec![expected.clone()]);
-    // An index past the end fails whether the recipients were inline or not.
+    assert_eq!(rt.block_on(spool.load_content(stored.id)).unwrap(), b"journal");
+    // An index past the end fails whether the message moved or not.
     let fresh = message(b"fresh");
     rt.block_on(spool.store(fresh.clone())).unwrap();
     for id in [stored.id, fresh.id] {
@@ -524,9 +542,13 @@ fn pending_recipients_stay_inline_until_an_outcome_keeps_the_message() {
             "{missing:?}"
         );
     }
-    // The failed update of the fresh message undid its move.
-    assert_eq!(recipients_stored(dir.path(), fresh.id).1, 0);
+    // The failed update of the fresh message did not move it.
+    assert_eq!(database_messages(dir.path()), 1);
     assert_eq!(rt.block_on(spool.list()).unwrap(), vec![expected, queued(&fresh)]);
+    // A move that leaves every recipient pending keeps them inline in the message row.
+    rt.block_on(spool.update_recipients(fresh.id, vec![(0, RecipientStatus::Pending)])).unwrap();
+    let (inline, rows) = recipients_stored(dir.path(), fresh.id);
+    assert!(inline.is_some() && rows == 0, "{inline:?} {rows}");
     rt.block_on(spool.remove(stored.id)).unwrap();
     assert_eq!(recipients_stored_count(dir.path()), 0);
     spool.close().unwrap();
@@ -556,7 +578,7 @@ fn recipients_stored_count(dir: &Path) -> i64 {
 }
 
 #[test]
-fn a_version_5_spool_keeps_its_recipient_rows_and_stores_new_mail_inline() {
+fn a_version_5_spool_keeps_its_recipient_rows() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     let mut old = message(b"stored by version 5");
@@ -575,7 +597,7 @@ fn a_version_5_spool_keeps_its_recipient_rows_and_stores_new_mail_inline() {
     rt.block_on(spool.store(new.clone())).unwrap();
     assert_eq!(rt.block_on(spool.list()).unwrap(), vec![queued(&old), queued(&new)]);
     assert_eq!(recipients_stored(dir.path(), old.id), (None, 2));
-    assert_eq!(recipients_stored(dir.path(), new.id).1, 0);
+    assert_eq!(database_messages(dir.path()), 1, "new mail goes to the journal");
     spool.close().unwrap();
     let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
     let version: i32 =
@@ -632,6 +654,8 @@ fn files_are_private() {
         let spool = SqliteSpool::open(&spool_dir).unwrap();
         runtime().block_on(spool.store(message(b"secret"))).unwrap();
         runtime().block_on(spool.store(message(&[b's'; 100 << 10]))).unwrap();
+        // A large body that stays goes to a segment.
+        runtime().block_on(spool.store(tried(&[b't'; 100 << 10]))).unwrap();
         let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&spool_dir), 0o700);
         let mut names: Vec<String> = fs::read_dir(&spool_dir)
@@ -639,15 +663,21 @@ fn files_are_private() {
             .map(|entry| entry.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names, ["lock", "queue.db", "queue.db-shm", "queue.db-wal", "segments"]);
-        for name in &names[..4] {
+        assert_eq!(
+            names,
+            ["journal", "lock", "queue.db", "queue.db-shm", "queue.db-wal", "segments"]
+        );
+        for name in &names[1..5] {
             assert_eq!(mode(&spool_dir.join(name)), 0o600, "{name}");
         }
-        let segments = spool_dir.join("segments");
-        assert_eq!(mode(&segments), 0o700);
-        let segment_files: Vec<_> = fs::read_dir(&segments).unwrap().collect();
-        assert_eq!(segment_files.len(), 1);
-        assert_eq!(mode(&segment_files[0].as_ref().unwrap().path()), 0o600);
+        for subdirectory in ["journal", "segments"] {
+            let subdirectory = spool_dir.join(subdirectory);
+            assert_eq!(mode(&subdirectory), 0o700);
+            for file in fs::read_dir(&subdirectory).unwrap() {
+                assert_eq!(mode(&file.unwrap().path()), 0o600);
+            }
+        }
+        assert_eq!(fs::read_dir(spool_dir.join("journal")).unwrap().count(), 1);
     }
 }
 
@@ -749,7 +779,7 @@ fn a_growing_log_is_checkpointed_by_the_checkpoint_thread() {
         // About 1300 pages of log, past the 1000 that start a checkpoint (bodies small
         // enough to be kept in the database).
         for _ in 0..400 {
-            spool.store(message(&[b'z'; 12 << 10])).await.unwrap();
+            spool.store(tried(&[b'z'; 12 << 10])).await.unwrap();
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while spool.stats().checkpoints == 0 {
@@ -791,7 +821,7 @@ fn sustained_load(spool: &Arc<SqliteSpool>, rt: &tokio::runtime::Runtime) {
                 let spool = spool.clone();
                 tokio::spawn(async move {
                     for _ in 0..120 {
-                        spool.store(message(&[b'w'; 8 << 10])).await.unwrap();
+                        spool.store(tried(&[b'w'; 8 << 10])).await.unwrap();
                     }
                 })
             })
@@ -807,7 +837,7 @@ fn a_reader_holding_an_old_snapshot_does_not_make_every_commit_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Arc::new(SqliteSpool::open(dir.path()).unwrap());
     let rt = runtime();
-    rt.block_on(spool.store(message(b"first"))).unwrap();
+    rt.block_on(spool.store(tried(b"first"))).unwrap();
     // An operator's sqlite3 shell, say, in the middle of a read: no checkpoint can copy past
     // its snapshot, so the log cannot start over.
     let reader = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
@@ -830,9 +860,10 @@ fn a_reader_holding_an_old_snapshot_does_not_make_every_commit_checkpoint() {
     assert_eq!(integrity_check(dir.path()), "ok");
 }
 
-/// Bodies above the inline limit, one byte pattern per message.
+/// Bodies above the inline limit, one byte pattern per message, in messages that SQLite
+/// stores.
 fn large(seed: u8, len: usize) -> NewMessage {
-    message(&(0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>())
+    tried(&(0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>())
 }
 
 fn segment_files(spool_dir: &Path) -> Vec<String> {
@@ -939,4 +970,46 @@ fn after_a_failed_log_sync_nothing_is_acknowledged() {
     let spool = SqliteSpool::open(dir.path()).unwrap();
     assert_eq!(rt.block_on(spool.list()).unwrap().len(), 1);
     rt.block_on(spool.store(message(b"again"))).unwrap();
+}
+
+#[test]
+fn messages_waiting_long_move_out_of_a_full_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = journal::Limits { file_size: 64 << 10, max_files: 2 };
+    let spool = Arc::new(SqliteSpool::open_with(dir.path(), limits).unwrap());
+    let rt = runtime();
+    // About 400 KiB: six files' worth, none delivered.
+    let messages: Vec<NewMessage> = (0..100u8).map(|i| message(&[i; 4 << 10])).collect();
+    rt.block_on(async {
+        for message in &messages {
+            spool.store(message.clone()).await.unwrap();
+        }
+    });
+    let moved = database_messages(dir.path());
+    assert!(moved >= 50, "only {moved} moved into SQLite");
+    let files = fs::read_dir(dir.path().join("journal")).unwrap().count();
+    // At most the bound, the one being filled, and spares.
+    assert!(files <= 2 + 1 + 4, "{files} journal files");
+    let all: Vec<QueuedMessage> = messages.iter().map(queued).collect();
+    rt.block_on(async {
+        assert_eq!(spool.list().await.unwrap(), all);
+        for message in &messages {
+            assert_eq!(spool.load_content(message.id).await.unwrap(), *message.content);
+        }
+    });
+    drop(spool);
+    let spool = SqliteSpool::open_with(dir.path(), limits).unwrap();
+    rt.block_on(async {
+        assert_eq!(spool.list().await.unwrap(), all);
+        for message in &messages {
+            spool.remove(message.id).await.unwrap();
+        }
+        assert_eq!(spool.list().await.unwrap(), []);
+    });
+    drop(spool);
+    // Removals from both places stand after a restart.
+    let spool = SqliteSpool::open_with(dir.path(), limits).unwrap();
+    assert_eq!(rt.block_on(spool.list()).unwrap(), []);
+    drop(spool);
+    assert_eq!(integrity_check(dir.path()), "ok");
 }
