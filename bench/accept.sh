@@ -58,7 +58,7 @@ done
 
 echo
 echo "fsync-type calls per message (strace -f -y, 2000 1 KiB messages accepted and delivered):"
-echo "| sessions | messages | spool (queue.db, WAL) per message | Maildir and directories per message | all per message |"
+echo "| sessions | messages | spool (journal, queue.db) per message | Maildir and directories per message | all per message |"
 echo "|---|---|---|---|---|"
 for sessions in 1 10 50; do
   messages=2000

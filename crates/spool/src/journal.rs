@@ -47,6 +47,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 
@@ -62,14 +63,19 @@ pub(crate) struct Limits {
     /// A file is synced and the next one activated once this much is written to it.
     pub(crate) file_size: u64,
     /// Files the journal may have before the messages left in the oldest are moved into
-    /// SQLite.
+    /// SQLite, once that file is [`Limits::move_after`] old.
     pub(crate) max_files: usize,
+    /// How old the oldest file must be before its messages move. A burst of mail fills many
+    /// files that are delivered and reclaimed within seconds: moving their messages would
+    /// only write them again.
+    pub(crate) move_after: Duration,
 }
 
 impl Default for Limits {
-    /// 8 files of 16 MiB: a message that waits long keeps at most 128 MiB of journal.
+    /// 8 files of 16 MiB: a message that waits long keeps at most 128 MiB of journal, and
+    /// whatever arrives in a minute.
     fn default() -> Limits {
-        Limits { file_size: 16 << 20, max_files: 8 }
+        Limits { file_size: 16 << 20, max_files: 8, move_after: Duration::from_secs(60) }
     }
 }
 /// Free files kept for reuse; more are deleted.
@@ -352,6 +358,8 @@ struct ActiveFile {
     file: Arc<File>,
     /// Its messages still in the journal only.
     live: usize,
+    /// When it was activated (or, after a restart, replayed).
+    since: Instant,
 }
 
 /// The writer's side of the journal.
@@ -437,6 +445,7 @@ impl Journal {
                 nonce: header.nonce,
                 file,
                 live: 0,
+                since: Instant::now(),
             });
         }
         for (id, resident) in &mut residents {
@@ -581,13 +590,16 @@ impl Journal {
     }
 
     /// The messages left in the oldest file, when the journal has more than
-    /// [`Limits::max_files`] files: they should move into SQLite, so that the file can be
-    /// reclaimed.
+    /// [`Limits::max_files`] files and the oldest is [`Limits::move_after`] old: they
+    /// should move into SQLite, so that the file can be reclaimed.
     pub(crate) fn overflow(&self) -> Vec<QueueId> {
-        if self.files.len() <= self.limits.max_files {
+        let oldest = self.files.front().expect("a current journal file");
+        if self.files.len() <= self.limits.max_files
+            || oldest.since.elapsed() < self.limits.move_after
+        {
             return Vec::new();
         }
-        let oldest = self.files.front().expect("files").sequence;
+        let oldest = oldest.sequence;
         let index = lock(&self.index);
         let mut ids: Vec<QueueId> = index
             .residents
@@ -635,36 +647,32 @@ impl Journal {
     fn activate(&mut self) -> Result<(), SpoolError> {
         let nonce = u64::from_le_bytes(random()?);
         let sequence = self.next_sequence;
-        let header = Header { active: true, sequence, nonce }.encode();
         // A reader may still hold a free file's handle, from a message's content it read
         // before the file was reclaimed: such a file waits.
         let reusable = self.spare.iter().position(|(_, file)| Arc::strong_count(file) == 1);
         let (slot, file) = match reusable {
-            Some(position) => {
-                let (slot, file) = self.spare.swap_remove(position);
-                // Synced with the first records, by the sync that makes them durable.
-                file.write_all_at(&header, 0)
-                    .context(|| format!("reusing journal file {slot:016x}"))?;
-                (slot, file)
-            }
-            None => {
-                let slot = self.next_slot;
-                let path = self.path(slot);
-                let file = open_file(&path, true)?;
-                let created = file.write_all_at(&header, 0).and_then(|()| file.sync_data());
-                if let Err(error) = created {
-                    let _ = fs::remove_file(&path);
-                    return Err(SpoolError::io(format!("creating {}", path.display()), error));
-                }
-                sync_dir(&self.dir)?;
-                self.next_slot += 1;
-                (slot, Arc::new(file))
-            }
+            Some(position) => self.spare.swap_remove(position),
+            None => self.new_file()?,
         };
+        // Synced with the first records, by the sync that makes them durable; until then
+        // recovery takes the file for a free one.
+        let header = Header { active: true, sequence, nonce }.encode();
+        if let Err(error) = file.write_all_at(&header, 0) {
+            self.spare.push((slot, file));
+            return Err(SpoolError::io(format!("activating journal file {slot:016x}"), error));
+        }
         self.next_sequence += 1;
-        self.files.push_back(ActiveFile { slot, sequence, nonce, file, live: 0 });
+        let since = Instant::now();
+        self.files.push_back(ActiveFile { slot, sequence, nonce, file, live: 0, since });
         self.offset = HEADER_LEN;
         Ok(())
+    }
+
+    /// A new empty file, for want of a free one.
+    fn new_file(&mut self) -> Result<(u64, Arc<File>), SpoolError> {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        Ok((slot, Arc::new(create_file(&self.dir, slot)?)))
     }
 
     fn file_mut(&mut self, sequence: u64) -> &mut ActiveFile {
@@ -767,6 +775,18 @@ fn slot_number(name: &std::ffi::OsStr) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(name, 16).ok()
+}
+
+/// Creates an empty journal file and makes it and its name durable.
+fn create_file(dir: &Path, slot: u64) -> Result<File, SpoolError> {
+    let path = dir.join(format!("{slot:016x}"));
+    let file = open_file(&path, true)?;
+    if let Err(error) = file.sync_all() {
+        let _ = fs::remove_file(&path);
+        return Err(SpoolError::io(format!("syncing {}", path.display()), error));
+    }
+    sync_dir(dir)?;
+    Ok(file)
 }
 
 fn open_file(path: &Path, create: bool) -> Result<File, SpoolError> {

@@ -178,3 +178,23 @@ fn files_are_reclaimed_in_order_and_reused() {
     assert_eq!(left.len(), 2);
     assert!(left.contains(&fresh.id));
 }
+
+#[test]
+fn only_messages_waiting_long_in_a_full_journal_are_to_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits { file_size: 1024, max_files: 2, move_after: Duration::from_secs(3600) };
+    let mut journal = Journal::open(dir.path(), limits, &mut |_| Ok(false)).unwrap();
+    let messages: Vec<NewMessage> = (0..4u8).map(|i| message(&[i; 2048])).collect();
+    for message in &messages {
+        append(&mut journal, &[message], &[]);
+    }
+    append(&mut journal, &[], &[]);
+    assert!(journal.files.len() > 2);
+    assert_eq!(journal.overflow(), [], "a burst: the oldest file is young");
+    journal.limits.move_after = Duration::ZERO;
+    assert_eq!(journal.overflow(), [messages[0].id], "the oldest file's message");
+    journal.moved(&[messages[0].id]);
+    assert!(journal.reclaimable());
+    journal.limits.max_files = 10;
+    assert_eq!(journal.overflow(), [], "within the bound");
+}

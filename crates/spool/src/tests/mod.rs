@@ -975,7 +975,7 @@ fn after_a_failed_log_sync_nothing_is_acknowledged() {
 #[test]
 fn messages_waiting_long_move_out_of_a_full_journal() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = journal::Limits { file_size: 64 << 10, max_files: 2 };
+    let limits = journal::Limits { file_size: 64 << 10, max_files: 2, move_after: Duration::ZERO };
     let spool = Arc::new(SqliteSpool::open_with(dir.path(), limits).unwrap());
     let rt = runtime();
     // About 400 KiB: six files' worth, none delivered.
