@@ -29,8 +29,9 @@ use crate::{
 /// `recipient.delay_notified`, which [`MIGRATE_2_TO_3`] adds; version 3 lacked the `body`
 /// table, which [`MIGRATE_3_TO_4`] adds; version 4 checked `recipient.status` with `IN`,
 /// which [`MIGRATE_4_TO_5`] replaces; version 5 lacked `message.recipients`, which
-/// [`MIGRATE_5_TO_6`] adds.
-const SCHEMA_VERSION: i32 = 6;
+/// [`MIGRATE_5_TO_6`] adds; version 6 lacked the `journal_removed` table, which
+/// [`MIGRATE_6_TO_7`] adds.
+const SCHEMA_VERSION: i32 = 7;
 
 /// Upgrades a version 2 spool in place: no recipient of it has had a delay notice.
 const MIGRATE_2_TO_3: &str =
@@ -95,6 +96,13 @@ const MIGRATE_4_TO_5: &str = concat!(
 /// Upgrades a version 5 spool in place: its recipients are all in the recipient table.
 const MIGRATE_5_TO_6: &str = "ALTER TABLE message ADD COLUMN recipients TEXT;";
 
+/// Upgrades a version 6 spool in place (it had no journal), and creates the table in a new
+/// one: messages that moved here from the journal and were removed here while their journal
+/// file still exists. Recovery would otherwise find them in the journal and not here, and
+/// bring them back; the row is written in the removal's transaction, so the two cannot
+/// disagree after a crash. Rows go once the journal file is reclaimed.
+const MIGRATE_6_TO_7: &str = "CREATE TABLE journal_removed (id INTEGER PRIMARY KEY);";
+
 const SCHEMA: &str = concat!(
     "
     CREATE TABLE message (
@@ -125,9 +133,10 @@ pub(crate) fn migrate(connection: &Connection) -> Result<(), SpoolError> {
             0 => {
                 connection.execute_batch(SCHEMA).context(context)?;
                 connection.execute_batch(MIGRATE_3_TO_4).context(context)?;
+                connection.execute_batch(MIGRATE_6_TO_7).context(context)?;
                 connection.pragma_update(None, "user_version", SCHEMA_VERSION).context(context)
             }
-            2..=5 => {
+            2..=6 => {
                 if version == 2 {
                     connection.execute_batch(MIGRATE_2_TO_3).context(context)?;
                 }
@@ -137,7 +146,10 @@ pub(crate) fn migrate(connection: &Connection) -> Result<(), SpoolError> {
                 if version <= 4 {
                     connection.execute_batch(MIGRATE_4_TO_5).context(context)?;
                 }
-                connection.execute_batch(MIGRATE_5_TO_6).context(context)?;
+                if version <= 5 {
+                    connection.execute_batch(MIGRATE_5_TO_6).context(context)?;
+                }
+                connection.execute_batch(MIGRATE_6_TO_7).context(context)?;
                 connection.pragma_update(None, "user_version", SCHEMA_VERSION).context(context)
             }
             SCHEMA_VERSION => Ok(()),
@@ -279,6 +291,71 @@ pub(crate) fn exists(connection: &Connection, id: QueueId) -> Result<bool, Spool
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM message WHERE id = ?1)")
         .and_then(|mut select| select.query_row([sql_id(id)], |row| row.get(0)))
         .context(|| format!("looking for message {id}"))
+}
+
+/// Whether a message from the journal is the database's: in it, or moved here and removed
+/// (see [`MIGRATE_6_TO_7`]).
+pub(crate) fn taken_from_journal(connection: &Connection, id: QueueId) -> Result<bool, SpoolError> {
+    connection
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM message WHERE id = ?1)
+                 OR EXISTS (SELECT 1 FROM journal_removed WHERE id = ?1)",
+        )
+        .and_then(|mut select| select.query_row([sql_id(id)], |row| row.get(0)))
+        .context(|| format!("looking for message {id}"))
+}
+
+/// Records that a message that came from the journal was removed here.
+pub(crate) fn mark_journal_removed(connection: &Connection, id: QueueId) -> Result<(), SpoolError> {
+    connection
+        .prepare_cached("INSERT OR IGNORE INTO journal_removed (id) VALUES (?1)")
+        .and_then(|mut insert| insert.execute([sql_id(id)]))
+        .map(drop)
+        .context(|| format!("recording the removal of message {id}"))
+}
+
+/// The messages moved here from the journal and removed.
+pub(crate) fn journal_removed(connection: &Connection) -> Result<HashSet<QueueId>, SpoolError> {
+    connection
+        .prepare_cached("SELECT id FROM journal_removed")
+        .and_then(|mut select| {
+            select.query_map([], |row| row.get::<_, i64>(0).map(|id| QueueId(id as u64)))?.collect()
+        })
+        .context(|| "listing the removals of messages that came from the journal".into())
+}
+
+/// Forgets the removal of a message whose journal entry is gone.
+pub(crate) fn forget_journal_removal(
+    connection: &Connection,
+    id: QueueId,
+) -> Result<(), SpoolError> {
+    connection
+        .prepare_cached("DELETE FROM journal_removed WHERE id = ?1")
+        .and_then(|mut delete| delete.execute([sql_id(id)]))
+        .map(drop)
+        .context(|| format!("forgetting the removal of message {id}"))
+}
+
+/// Forgets removals of messages whose journal entries are gone (`keep` says which entries
+/// are still there).
+pub(crate) fn forget_journal_removals(
+    connection: &Connection,
+    keep: impl Fn(QueueId) -> bool,
+) -> Result<usize, SpoolError> {
+    let context = || "forgetting removals of messages that left the journal".to_string();
+    let ids: Vec<i64> = connection
+        .prepare_cached("SELECT id FROM journal_removed")
+        .and_then(|mut select| {
+            select.query_map([], |row| row.get(0))?.collect::<Result<Vec<i64>, _>>()
+        })
+        .context(context)?;
+    let mut delete =
+        connection.prepare_cached("DELETE FROM journal_removed WHERE id = ?1").context(context)?;
+    let mut forgotten = 0;
+    for id in ids.into_iter().filter(|id| !keep(QueueId(*id as u64))) {
+        forgotten += delete.execute([id]).context(context)?;
+    }
+    Ok(forgotten)
 }
 
 /// Writes a message's recipients into the recipient table.

@@ -15,7 +15,7 @@
 //!
 //! `journal/<slot>` (16 hex digits), each starting with a 64-octet header: magic, state
 //! (active or free), a sequence number that grows with every file activated, and a random
-//! 64-bit nonce chosen when the file was activated. Records follow: payload length (u32), CRC-32
+//! 64-bit nonce chosen when the file was activated. Records follow: payload length (u64), CRC-32
 //! of the nonce and the payload (u32), the payload. Integers are little-endian.
 //!
 //! A file is written until it passes [`Limits::file_size`], then synced, and the next one is
@@ -39,8 +39,10 @@
 //! file and the database's log are synced (so that neither a removal nor a move can be lost
 //! to a power failure once the message's entry is gone). Reclaiming rewrites the header as
 //! free and syncs it; from then on recovery ignores the file. A message that moved to SQLite
-//! and is later removed there, while its journal file still exists, gets a removal record too,
-//! or recovery would find it in the journal and not in SQLite, and bring it back.
+//! and is later removed there, while its journal file still exists, leaves a row in SQLite's
+//! `journal_removed` table, written in the removal's transaction, or recovery would find it
+//! in the journal and not in SQLite, and bring it back; the rows go once the file is
+//! reclaimed.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -53,6 +55,7 @@ use tracing::warn;
 
 use crate::error::Context;
 use crate::sqlite::{create_private_dir, sync_dir};
+use crate::writer::{Counters, sync_file};
 use crate::{NewMessage, QueueId, QueuedMessage, SpoolError, db};
 
 /// The journal's directory, in the spool directory.
@@ -85,8 +88,8 @@ const MAGIC: &[u8; 8] = b"PSTLJRNL";
 const VERSION: u32 = 1;
 const STATE_ACTIVE: u32 = 1;
 const STATE_FREE: u32 = 2;
-/// Payload length and checksum.
-const RECORD_HEADER_LEN: usize = 8;
+/// Payload length (u64) and checksum (u32).
+const RECORD_HEADER_LEN: usize = 12;
 
 /// A file's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,10 +175,10 @@ fn encode_record(
     for id in removals {
         out.extend_from_slice(&id.0.to_le_bytes());
     }
-    let payload_len = (out.len() - RECORD_HEADER_LEN) as u32;
+    let payload_len = (out.len() - RECORD_HEADER_LEN) as u64;
     let sum = checksum(nonce, &out[RECORD_HEADER_LEN..]);
-    out[..4].copy_from_slice(&payload_len.to_le_bytes());
-    out[4..8].copy_from_slice(&sum.to_le_bytes());
+    out[..8].copy_from_slice(&payload_len.to_le_bytes());
+    out[8..12].copy_from_slice(&sum.to_le_bytes());
     places
 }
 
@@ -377,9 +380,8 @@ pub(crate) struct Journal {
     offset: u64,
     /// Records were appended to the current file that no sync has been asked for yet.
     unsynced: bool,
-    /// Messages removed from SQLite whose journal entries need a removal record.
-    owed_removals: Vec<QueueId>,
     buffer: Vec<u8>,
+    counters: Arc<Counters>,
 }
 
 impl Journal {
@@ -388,6 +390,7 @@ impl Journal {
     pub(crate) fn open(
         spool_dir: &Path,
         limits: Limits,
+        counters: Arc<Counters>,
         in_database: &mut dyn FnMut(QueueId) -> Result<bool, SpoolError>,
     ) -> Result<Journal, SpoolError> {
         let dir = spool_dir.join(DIR);
@@ -402,8 +405,8 @@ impl Journal {
             next_sequence: 1,
             offset: HEADER_LEN,
             unsynced: false,
-            owed_removals: Vec::new(),
             buffer: Vec::new(),
+            counters,
         };
         let mut active = Vec::new();
         let listing =
@@ -425,6 +428,12 @@ impl Journal {
                 // Created and never activated (a crash at the wrong moment): free.
                 None => journal.spare.push((slot, Arc::new(file))),
             }
+        }
+        // A free header written by a killed process may be in the page cache only. It must
+        // reach the disk before the later files, which hold the removals of that file's
+        // messages, are reclaimed and reused: else a power failure would bring them back.
+        for (slot, file) in &journal.spare {
+            file.sync_data().context(|| format!("syncing journal file {slot:016x}"))?;
         }
         active.sort_unstable_by_key(|(header, ..)| header.sequence);
         let mut residents: HashMap<QueueId, Resident> = HashMap::new();
@@ -481,9 +490,8 @@ impl Journal {
     }
 
     /// Appends one record with `messages` and the removals of `removals` (messages in the
-    /// journal only) and of those owed for messages that moved to SQLite and left it. Returns
-    /// the file written, which must be synced before anyone is told a message is stored.
-    /// On failure nothing is known to be written, and nothing changes.
+    /// journal only). Returns the file written, which must be synced before anyone is told a
+    /// message is stored. On failure nothing is known to be written, and nothing changes.
     pub(crate) fn append(
         &mut self,
         messages: &[EncodedMessage<'_>],
@@ -495,12 +503,8 @@ impl Journal {
             // The current file grows instead; the next append tries again.
             warn!(%error, "cannot start a new journal file");
         }
-        let owed = self.owed_removals.len();
-        let mut all_removals = Vec::with_capacity(removals.len() + owed);
-        all_removals.extend_from_slice(removals);
-        all_removals.extend_from_slice(&self.owed_removals);
         let current = self.files.back().expect("a current journal file");
-        let places = encode_record(current.nonce, messages, &all_removals, &mut self.buffer);
+        let places = encode_record(current.nonce, messages, removals, &mut self.buffer);
         let file = current.file.clone();
         let sequence = current.sequence;
         let offset = self.offset;
@@ -510,7 +514,6 @@ impl Journal {
             .context(|| format!("appending {} octets to the journal", self.buffer.len()))?;
         self.offset += self.buffer.len() as u64;
         self.unsynced = true;
-        self.owed_removals.clear();
         let mut index = lock(&self.index);
         let mut live = 0;
         for (message, place) in messages.iter().zip(places) {
@@ -524,7 +527,7 @@ impl Journal {
             live += 1;
         }
         let mut emptied = Vec::new();
-        for id in &all_removals {
+        for id in removals {
             if let Some(resident) = index.residents.remove(id)
                 && !resident.moved
             {
@@ -555,19 +558,6 @@ impl Journal {
         for sequence in emptied {
             self.file_mut(sequence).live -= 1;
         }
-    }
-
-    /// Records that messages were removed from SQLite: those that came from the journal get
-    /// a removal record with the next append (see the module documentation).
-    pub(crate) fn removed_from_database(&mut self, ids: &[QueueId]) {
-        let index = lock(&self.index);
-        let owed = ids.iter().filter(|id| index.residents.get(id).is_some_and(|r| r.moved));
-        self.owed_removals.extend(owed);
-    }
-
-    /// Whether removal records are owed: an append should be made even without new mail.
-    pub(crate) fn owes_removals(&self) -> bool {
-        !self.owed_removals.is_empty()
     }
 
     /// Whether records were appended to the current file that no sync was asked for.
@@ -612,9 +602,10 @@ impl Journal {
     }
 
     /// Reclaims every leading file with no message left. The caller has synced SQLite's log
-    /// after the last move and the current file after the last removal (the later files
-    /// were synced when they stopped being current).
-    pub(crate) fn reclaim_synced(&mut self) {
+    /// after the last move. Returns the messages of those files that had moved to SQLite:
+    /// their rows in `journal_removed`, if any, can go.
+    pub(crate) fn reclaim_synced(&mut self) -> Vec<QueueId> {
+        let mut moved = Vec::new();
         while self.reclaimable() {
             let oldest = self.files.front().expect("reclaimable");
             let free = Header { active: false, sequence: oldest.sequence, nonce: 0 };
@@ -623,22 +614,30 @@ impl Journal {
             if let Err(error) = freed {
                 // Kept as it is: recovery replays it, which is correct, only slower.
                 warn!(%error, slot = oldest.slot, "cannot free a journal file");
-                return;
+                break;
             }
             let oldest = self.files.pop_front().expect("reclaimable");
-            lock(&self.index).residents.retain(|_, resident| resident.sequence != oldest.sequence);
+            lock(&self.index).residents.retain(|id, resident| {
+                let gone = resident.sequence == oldest.sequence;
+                if gone && resident.moved {
+                    moved.push(*id);
+                }
+                !gone
+            });
             if self.spare.len() < SPARE_FILES {
                 self.spare.push((oldest.slot, oldest.file));
             } else if let Err(error) = fs::remove_file(self.path(oldest.slot)) {
                 warn!(%error, slot = oldest.slot, "cannot delete a free journal file");
             }
         }
+        moved
     }
 
     /// Syncs the current file and activates the next.
     fn next_file(&mut self) -> Result<(), SpoolError> {
-        let current = self.current_file();
-        current.sync_data().context(|| "syncing a full journal file".into())?;
+        // Through sync_file: a failure here stops acknowledgements, as one on the sync
+        // thread would (the two share the file, and Linux reports a failure once).
+        sync_file(&self.current_file(), &self.counters, "a full journal file")?;
         self.unsynced = false;
         self.activate()
     }
@@ -711,15 +710,19 @@ pub(crate) fn read_only(spool_dir: &Path) -> Result<Vec<QueuedMessage>, SpoolErr
     }
     active.sort_unstable_by_key(|(header, ..)| header.sequence);
     let mut residents = HashMap::new();
-    for (header, path, file) in &active {
+    for (header, _, file) in &active {
         replay(file, *header, &mut residents)?;
-        if read_header(file, path)? != Some(*header) {
-            return Err(SpoolError::Corrupt(format!("{} was reused while read", path.display())));
-        }
     }
     let mut residents: Vec<_> = residents.into_iter().collect();
     residents.sort_unstable_by_key(|(id, _)| *id);
-    residents.iter().map(|(id, resident)| read_entry(resident, *id)).collect()
+    let messages = residents.iter().map(|(id, resident)| read_entry(resident, *id)).collect();
+    // Every file still as it was when read: none was reclaimed or reused meanwhile.
+    for (header, path, file) in &active {
+        if read_header(file, path)? != Some(*header) {
+            return Err(SpoolError::Corrupt(format!("{} changed while read", path.display())));
+        }
+    }
+    messages
 }
 
 fn read_header(file: &File, path: &Path) -> Result<Option<Header>, SpoolError> {
@@ -739,10 +742,17 @@ fn replay(
     file.read_exact_at(&mut data, 0).context(|| "reading a journal file".into())?;
     let mut at = HEADER_LEN as usize;
     while let Some(record_header) = data.get(at..at + RECORD_HEADER_LEN) {
-        let length = u32::from_le_bytes(record_header[..4].try_into().unwrap()) as usize;
-        let sum = u32::from_le_bytes(record_header[4..].try_into().unwrap());
+        let length = u64::from_le_bytes(record_header[..8].try_into().unwrap());
+        let sum = u32::from_le_bytes(record_header[8..].try_into().unwrap());
         let start = at + RECORD_HEADER_LEN;
-        let Some(payload) = data.get(start..start + length) else { break };
+        let Some(payload) = usize::try_from(length)
+            .ok()
+            .and_then(|length| start.checked_add(length))
+            .and_then(|end| data.get(start..end))
+        else {
+            break;
+        };
+        let length = payload.len();
         if length == 0 || checksum(header.nonce, payload) != sum {
             break;
         }

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::error::Context;
-use crate::journal::{self, Journal, SharedIndex};
+use crate::journal::{self, Journal, Residence, SharedIndex};
 use crate::segments::Segments;
 use crate::writer::{CheckpointerHandle, Counters, Operation, Request, Syncer, Writer};
 use crate::{
@@ -90,9 +90,17 @@ impl SqliteSpool {
         log.sync_data().context(|| format!("syncing {}", log_path.display()))?;
         let segments = Segments::open(dir, &db::referenced_segments(&connection)?)?;
         let segments_dir = segments.dir().to_path_buf();
-        // After the log's sync: a message the journal still has and SQLite has too moved
-        // there, durably.
-        let journal = Journal::open(dir, journal_limits, &mut |id| db::exists(&connection, id))?;
+        let counters = Arc::new(Counters::default());
+        // After the log's sync: a message the journal still has and SQLite has too (or
+        // removed after taking it) moved there, durably.
+        let journal = Journal::open(dir, journal_limits, counters.clone(), &mut |id| {
+            db::taken_from_journal(&connection, id)
+        })?;
+        // Removals of messages whose journal files are gone (freed before a crash let the
+        // writer forget them).
+        db::forget_journal_removals(&connection, |id| {
+            journal.residence(id) != Residence::Elsewhere
+        })?;
         let journal_index = journal.index();
         // From here on the writer's commits do not sync the log; the sync thread does before
         // anyone is answered (see writer::Syncer). NORMAL rather than OFF: in WAL mode NORMAL
@@ -102,7 +110,6 @@ impl SqliteSpool {
             .pragma_update(None, "synchronous", "NORMAL")
             .context(|| "setting synchronous = NORMAL on the writer".into())?;
 
-        let counters = Arc::new(Counters::default());
         // The checkpoint thread syncs the log through its own handle; the writer and the
         // sync thread share one.
         let checkpoint_log =
@@ -163,7 +170,11 @@ impl SqliteSpool {
         };
         // After the journal: a message moving meanwhile is found in both, never in neither.
         let mut connection = open_reader(&dir.join(DATABASE))?;
-        Ok(merge_by_id(db::list(&mut connection)?, in_journal))
+        let in_database = db::list(&mut connection)?;
+        // Moved to the database and removed there: its journal entry is dead.
+        let removed = db::journal_removed(&connection)?;
+        let in_journal = in_journal.into_iter().filter(|m| !removed.contains(&m.id)).collect();
+        Ok(merge_by_id(in_database, in_journal))
     }
 
     /// Stops the writer after it has finished every operation already submitted, and closes

@@ -248,6 +248,12 @@ impl Writer {
                 true => unsynced_since.or_else(|| Some(Instant::now())),
                 false => None,
             };
+            // Requests that keep coming (removals, with no new mail to sync) must not put the
+            // sync off for ever.
+            if unsynced_since.is_some_and(|since| since.elapsed() >= LAZY_SYNC_DELAY) {
+                self.sync_journal();
+                unsynced_since = None;
+            }
         }
         // Every acknowledgement goes out before the spool closes. The checkpointer's
         // connection goes first, so that this one is the last: the last connection to close
@@ -290,20 +296,14 @@ impl Writer {
             let ops: Vec<&Operation> = database.iter().map(|(_, operation)| *operation).collect();
             let (database_results, commit) = self.apply_transaction(&ops);
             committed = commit;
-            let (mut moved, mut removed) = (Vec::new(), Vec::new());
-            for ((i, operation), result) in database.iter().zip(database_results) {
-                if result.is_ok() {
-                    match (&routes[*i], operation) {
-                        (Route::Move { id, .. }, _) => moved.push(*id),
-                        (_, Operation::Remove(id))
-                        | (_, Operation::Outcome { id, remove: true, .. }) => removed.push(*id),
-                        _ => {}
-                    }
+            let mut moved = Vec::new();
+            for ((i, _), result) in database.iter().zip(database_results) {
+                if let (Ok(()), Route::Move { id, .. }) = (&result, &routes[*i]) {
+                    moved.push(*id);
                 }
                 results[*i] = result;
             }
             self.journal.moved(&moved);
-            self.journal.removed_from_database(&removed);
         }
         for (i, route) in routes.iter().enumerate() {
             if let Route::Failed(error) = route {
@@ -328,7 +328,7 @@ impl Writer {
             }
         }
         let mut stored_in_journal = false;
-        if !appended.is_empty() || self.journal.owes_removals() {
+        if !appended.is_empty() {
             match self.journal.append(&encoded, &removals) {
                 Ok(_) => {
                     stored_in_journal = !encoded.is_empty();
@@ -552,10 +552,36 @@ impl Writer {
     }
 
     /// Reclaims journal files with no message left. A message that moved to SQLite must be
-    /// durable there before its journal entry goes.
+    /// durable there before its journal entry goes: after a failed sync of the log (here or
+    /// on another thread, which Linux reports to one of them only) nothing is reclaimed.
     fn reclaim_journal(&mut self) {
-        if self.journal.reclaimable() && sync_log(&self.log, &self.counters).is_ok() {
-            self.journal.reclaim_synced();
+        if !self.journal.reclaimable()
+            || sync_log(&self.log, &self.counters).is_err()
+            || self.counters.log_sync_failed.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let moved = self.journal.reclaim_synced();
+        if moved.is_empty() {
+            return;
+        }
+        // The files are freed durably; their removal rows can go, with the next sync.
+        let forgotten = self
+            .connection
+            .execute_batch("BEGIN IMMEDIATE")
+            .context(|| "starting a spool transaction".into())
+            .and_then(|()| {
+                moved.iter().try_for_each(|id| db::forget_journal_removal(&self.connection, *id))
+            })
+            .and_then(|()| self.connection.execute_batch("COMMIT").context(|| "committing".into()));
+        match forgotten {
+            Ok(()) => self.checkpointer.committed(false, &self.connection),
+            Err(error) => {
+                // Left for the next start-up, which forgets the rows of messages it does not
+                // find in the journal.
+                warn!(%error, "cannot forget removals of messages that left the journal");
+                self.roll_back();
+            }
         }
     }
 
@@ -726,7 +752,9 @@ impl Writer {
         if empty.is_empty() {
             return;
         }
-        if sync_log(&self.log, &self.counters).is_err() {
+        if sync_log(&self.log, &self.counters).is_err()
+            || self.counters.log_sync_failed.load(Ordering::Relaxed)
+        {
             // Kept, and deleted at the next start-up when no row points into it.
             return;
         }
@@ -818,15 +846,25 @@ impl Writer {
             Operation::Store(message) => store_all(std::slice::from_ref(message)),
             Operation::StoreAll(messages) | Operation::Move(messages) => store_all(messages),
             Operation::Update(id, updates) => db::update_recipients(connection, *id, updates),
-            Operation::Remove(id) => db::remove(connection, *id, emptied),
+            Operation::Remove(id) => self.remove_from_database(*id, emptied),
             // The new messages and the outcome commit together or not at all.
             Operation::Outcome { id, updates, remove, new } => {
                 store_all(new).and_then(|()| match remove {
-                    true => db::remove(connection, *id, emptied),
+                    true => self.remove_from_database(*id, emptied),
                     false => db::update_recipients(connection, *id, updates),
                 })
             }
         }
+    }
+
+    /// Removes a message from the database, and records the removal there if the message
+    /// came from a journal file that still exists (see `journal`).
+    fn remove_from_database(&self, id: QueueId, emptied: &mut Vec<u64>) -> Result<(), SpoolError> {
+        db::remove(&self.connection, id, emptied)?;
+        if self.journal.residence(id) == Residence::Moved {
+            db::mark_journal_removed(&self.connection, id)?;
+        }
+        Ok(())
     }
 
     fn roll_back(&self) {
@@ -1185,7 +1223,7 @@ fn sync_log(log: &File, counters: &Counters) -> Result<(), SpoolError> {
 /// them, through handles of one open file, and Linux reports a failed writeback to only one
 /// of them: so whichever sees the failure stops all acknowledgements (see
 /// [`Counters::log_sync_failed`]).
-fn sync_file(file: &File, counters: &Counters, what: &str) -> Result<(), SpoolError> {
+pub(crate) fn sync_file(file: &File, counters: &Counters, what: &str) -> Result<(), SpoolError> {
     file.sync_data().map_err(|error| {
         counters.log_sync_failed.store(true, Ordering::Relaxed);
         let error = SpoolError::io(format!("syncing {what}"), error);

@@ -3,7 +3,8 @@ use crate::tests::message;
 
 /// Opens the journal in `dir` as if SQLite held `in_database`.
 fn open(dir: &Path, in_database: &[QueueId]) -> Journal {
-    Journal::open(dir, Limits::default(), &mut |id| Ok(in_database.contains(&id))).unwrap()
+    Journal::open(dir, Limits::default(), Arc::default(), &mut |id| Ok(in_database.contains(&id)))
+        .unwrap()
 }
 
 fn append(journal: &mut Journal, messages: &[&NewMessage], removals: &[QueueId]) {
@@ -101,7 +102,7 @@ fn replay_stops_at_a_torn_or_foreign_record() {
 }
 
 #[test]
-fn a_moved_message_is_sqlites_and_its_removal_there_is_recorded_here() {
+fn a_moved_message_is_sqlites() {
     let dir = tempfile::tempdir().unwrap();
     let (moved, stays) = (message(b"moved"), message(b"stays"));
     let mut journal = open(dir.path(), &[]);
@@ -111,19 +112,15 @@ fn a_moved_message_is_sqlites_and_its_removal_there_is_recorded_here() {
     assert_eq!(listed(&journal), [stays.id]);
     drop(journal);
 
-    // SQLite has it: not listed from the journal, but still known.
+    // SQLite has it (or had it and removed it): not listed from the journal, but known
+    // until its file is reclaimed.
     let mut journal = open(dir.path(), &[moved.id]);
     assert_eq!(listed(&journal), [stays.id]);
     assert_eq!(journal.residence(moved.id), Residence::Moved);
-    // Removed from SQLite: the journal records it, so that it does not come back from here.
-    journal.removed_from_database(&[moved.id, stays.id]);
-    assert!(journal.owes_removals());
-    append(&mut journal, &[], &[]);
-    assert!(!journal.owes_removals());
+    append(&mut journal, &[], &[stays.id]);
+    assert!(journal.reclaimable());
+    assert_eq!(journal.reclaim_synced(), [moved.id], "its removal row, if any, can go");
     assert_eq!(journal.residence(moved.id), Residence::Elsewhere);
-    assert_eq!(journal.residence(stays.id), Residence::Journal, "not SQLite's to remove");
-    drop(journal);
-    assert_eq!(listed(&open(dir.path(), &[])), [stays.id]);
 }
 
 #[test]
@@ -183,7 +180,8 @@ fn files_are_reclaimed_in_order_and_reused() {
 fn only_messages_waiting_long_in_a_full_journal_are_to_move() {
     let dir = tempfile::tempdir().unwrap();
     let limits = Limits { file_size: 1024, max_files: 2, move_after: Duration::from_secs(3600) };
-    let mut journal = Journal::open(dir.path(), limits, &mut |_| Ok(false)).unwrap();
+    let mut journal =
+        Journal::open(dir.path(), limits, Arc::default(), &mut |_| Ok(false)).unwrap();
     let messages: Vec<NewMessage> = (0..4u8).map(|i| message(&[i; 2048])).collect();
     for message in &messages {
         append(&mut journal, &[message], &[]);

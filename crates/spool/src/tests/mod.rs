@@ -409,7 +409,7 @@ fn a_version_2_spool_is_upgraded_in_place() {
     connection
         .execute_batch(
             "ALTER TABLE recipient DROP COLUMN delay_notified; DROP TABLE body;
-             ALTER TABLE message DROP COLUMN recipients",
+             ALTER TABLE message DROP COLUMN recipients; DROP TABLE journal_removed",
         )
         .unwrap();
     connection.pragma_update(None, "user_version", 2).unwrap();
@@ -461,7 +461,7 @@ fn a_version_4_spool_gets_the_new_status_check() {
         .execute_batch(&format!(
             "{old}; INSERT INTO recipient_4 SELECT * FROM recipient; DROP TABLE recipient;
              ALTER TABLE recipient_4 RENAME TO recipient;
-             ALTER TABLE message DROP COLUMN recipients"
+             ALTER TABLE message DROP COLUMN recipients; DROP TABLE journal_removed"
         ))
         .unwrap();
     connection.pragma_update(None, "user_version", 4).unwrap();
@@ -475,7 +475,7 @@ fn a_version_4_spool_gets_the_new_status_check() {
     let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
     let version: i32 =
         connection.pragma_query_value(None, "user_version", |row| row.get(0)).unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
     assert!(!table_sql(&connection).contains(" IN ("));
     // The check still holds.
     let bogus = connection.execute(
@@ -588,7 +588,9 @@ fn a_version_5_spool_keeps_its_recipient_rows() {
     rt.block_on(spool.store(old.clone())).unwrap();
     spool.close().unwrap();
     let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
-    connection.execute_batch("ALTER TABLE message DROP COLUMN recipients").unwrap();
+    connection
+        .execute_batch("ALTER TABLE message DROP COLUMN recipients; DROP TABLE journal_removed")
+        .unwrap();
     connection.pragma_update(None, "user_version", 5).unwrap();
     drop(connection);
 
@@ -602,7 +604,7 @@ fn a_version_5_spool_keeps_its_recipient_rows() {
     let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
     let version: i32 =
         connection.pragma_query_value(None, "user_version", |row| row.get(0)).unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
 }
 
 #[test]
@@ -1012,4 +1014,78 @@ fn messages_waiting_long_move_out_of_a_full_journal() {
     assert_eq!(rt.block_on(spool.list()).unwrap(), []);
     drop(spool);
     assert_eq!(integrity_check(dir.path()), "ok");
+}
+
+#[test]
+fn a_message_moved_and_removed_does_not_come_back_from_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let limits =
+        journal::Limits { file_size: 16 << 10, max_files: 8, move_after: Duration::from_secs(60) };
+    let removed_rows = |dir: &Path| -> i64 {
+        let connection = rusqlite::Connection::open(dir.join("queue.db")).unwrap();
+        connection.query_row("SELECT count(*) FROM journal_removed", [], |row| row.get(0)).unwrap()
+    };
+    let (moved, other) = (message(b"moved, then removed"), message(b"other"));
+    let spool = SqliteSpool::open_with(dir.path(), limits).unwrap();
+    rt.block_on(async {
+        spool.store(moved.clone()).await.unwrap();
+        spool.store(other.clone()).await.unwrap();
+        let deferred = RecipientStatus::Deferred {
+            attempts: 1,
+            next_attempt: millis(60_000),
+            last_error: "451 4.4.1 no answer".into(),
+            delay_notified: false,
+        };
+        spool.update_recipients(moved.id, vec![(0, deferred)]).await.unwrap();
+        spool.remove(moved.id).await.unwrap();
+    });
+    drop(spool);
+    // Its journal file is still there, with the message in it: SQLite says it was removed.
+    assert_eq!(removed_rows(dir.path()), 1);
+    assert_eq!(SqliteSpool::read_queue(dir.path()).unwrap(), vec![queued(&other)]);
+    let spool = SqliteSpool::open_with(dir.path(), limits).unwrap();
+    assert_eq!(rt.block_on(spool.list()).unwrap(), vec![queued(&other)]);
+    // Once the file is reclaimed (more mail fills it, everything in it is removed), the row
+    // goes.
+    rt.block_on(async {
+        spool.remove(other.id).await.unwrap();
+        for i in 0..8u8 {
+            let filler = message(&[i; 4 << 10]);
+            spool.store(filler.clone()).await.unwrap();
+            spool.remove(filler.id).await.unwrap();
+        }
+    });
+    drop(spool);
+    assert_eq!(removed_rows(dir.path()), 0);
+    let spool = SqliteSpool::open_with(dir.path(), limits).unwrap();
+    assert_eq!(rt.block_on(spool.list()).unwrap(), []);
+    drop(spool);
+    assert_eq!(integrity_check(dir.path()), "ok");
+}
+
+#[test]
+fn a_version_6_spool_gets_the_journal_removal_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let old = tried(b"stored by version 6");
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    rt.block_on(spool.store(old.clone())).unwrap();
+    spool.close().unwrap();
+    let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    connection.execute_batch("DROP TABLE journal_removed").unwrap();
+    connection.pragma_update(None, "user_version", 6).unwrap();
+    drop(connection);
+
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    assert_eq!(rt.block_on(spool.list()).unwrap(), vec![queued(&old)]);
+    rt.block_on(spool.remove(old.id)).unwrap();
+    spool.close().unwrap();
+    let connection = rusqlite::Connection::open(dir.path().join("queue.db")).unwrap();
+    let version: i32 =
+        connection.pragma_query_value(None, "user_version", |row| row.get(0)).unwrap();
+    assert_eq!(version, 7);
+    let rows: i64 =
+        connection.query_row("SELECT count(*) FROM journal_removed", [], |row| row.get(0)).unwrap();
+    assert_eq!(rows, 0, "it never was in the journal");
 }
