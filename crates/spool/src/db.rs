@@ -293,6 +293,14 @@ pub(crate) fn exists(connection: &Connection, id: QueueId) -> Result<bool, Spool
         .context(|| format!("looking for message {id}"))
 }
 
+/// The highest id of a message in the database (0 when empty).
+pub(crate) fn highest_id(connection: &Connection) -> Result<QueueId, SpoolError> {
+    connection
+        .query_row("SELECT coalesce(max(id), 0) FROM message", [], |row| row.get::<_, i64>(0))
+        .map(|id| QueueId(id as u64))
+        .context(|| "finding the highest queue id".into())
+}
+
 /// Whether a message from the journal is the database's: in it, or moved here and removed
 /// (see [`MIGRATE_6_TO_7`]).
 pub(crate) fn taken_from_journal(connection: &Connection, id: QueueId) -> Result<bool, SpoolError> {

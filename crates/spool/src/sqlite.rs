@@ -102,6 +102,7 @@ impl SqliteSpool {
             journal.residence(id) != Residence::Elsewhere
         })?;
         let journal_index = journal.index();
+        let highest_database_id = db::highest_id(&connection)?;
         // From here on the writer's commits do not sync the log; the sync thread does before
         // anyone is answered (see writer::Syncer). NORMAL rather than OFF: in WAL mode NORMAL
         // skips the sync at commit but keeps the one SQLite makes of a new log header when it
@@ -131,6 +132,7 @@ impl SqliteSpool {
             segments,
             log: Arc::new(log),
             journal,
+            highest_database_id,
         };
         let (requests, receiver) = mpsc::channel();
         let writer = std::thread::Builder::new()

@@ -187,6 +187,9 @@ pub(crate) struct Writer {
     /// The log file, synced before a segment is deleted or a journal file reclaimed.
     pub(crate) log: Arc<File>,
     pub(crate) journal: Journal,
+    /// No message in the database has a higher id: a new message with a higher one (every
+    /// message, ids growing with time) needs no look-up there to rule out a duplicate.
+    pub(crate) highest_database_id: QueueId,
 }
 
 impl Writer {
@@ -533,7 +536,7 @@ impl Writer {
                 let id = message.id;
                 let duplicate = !seen.insert(id)
                     || self.journal.residence(id) != Residence::Elsewhere
-                    || db::exists(&self.connection, id)?;
+                    || (id <= self.highest_database_id && db::exists(&self.connection, id)?);
                 if duplicate {
                     return Err(SpoolError::AlreadyStored(id));
                 }
@@ -657,6 +660,9 @@ impl Writer {
         for (operation, result) in batch.iter().zip(&results) {
             if result.is_ok() {
                 durable += 1;
+                if let Some(highest) = operation.new_messages().iter().map(|m| m.id).max() {
+                    self.highest_database_id = self.highest_database_id.max(highest);
+                }
                 stored += match operation {
                     // The first message moves; the others are new.
                     Operation::Move(messages) => messages.len() as u64 - 1,

@@ -277,7 +277,7 @@ fn everything_persists_across_reopen() {
 fn failing_operations_fail_only_their_callers() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Arc::new(SqliteSpool::open(dir.path()).unwrap());
-    runtime().block_on(async {
+    let in_database = runtime().block_on(async {
         let original = message(b"original");
         spool.store(original.clone()).await.unwrap();
         let before = spool.stats();
@@ -352,13 +352,28 @@ fn failing_operations_fail_only_their_callers() {
         let kept = listed.iter().find(|queued| queued.id == original.id).unwrap();
         assert_eq!(kept.recipients, original.recipients);
 
+        // A new message with the id of one in the database (not the journal) is refused too.
+        let in_database = tried(b"in the database");
+        spool.store(in_database.clone()).await.unwrap();
+        let again = NewMessage { id: in_database.id, ..message(b"again") };
+        let refused = spool.store(again).await;
+        assert!(
+            matches!(refused, Err(SpoolError::AlreadyStored(id)) if id == in_database.id),
+            "{refused:?}"
+        );
         let missing = QueueId::generate();
         let update = spool.update_recipients(missing, vec![(0, RecipientStatus::Pending)]).await;
         assert!(matches!(update, Err(SpoolError::NotFound(id)) if id == missing));
         assert!(
             matches!(spool.remove(missing).await, Err(SpoolError::NotFound(id)) if id == missing)
         );
+        in_database.id
     });
+    drop(spool);
+    // After a restart, which has to find out again what the database holds.
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let refused = runtime().block_on(spool.store(NewMessage { id: in_database, ..message(b"") }));
+    assert!(matches!(refused, Err(SpoolError::AlreadyStored(_))), "{refused:?}");
 }
 
 #[test]
