@@ -44,7 +44,7 @@
 //! in the journal and not in SQLite, and bring it back; the rows go once the file is
 //! reclaimed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -688,8 +688,8 @@ impl Journal {
 }
 
 /// The messages in the journal in `spool_dir`, read without taking the spool's lock (while
-/// the server runs, say), oldest first: those that moved to SQLite too. A file reused while
-/// it is read makes the read fail; the caller may try again.
+/// the server runs, say), oldest first: those that moved to SQLite too. The caller reads
+/// the database after this.
 pub(crate) fn read_only(spool_dir: &Path) -> Result<Vec<QueuedMessage>, SpoolError> {
     let dir = spool_dir.join(DIR);
     let listing = match fs::read_dir(&dir) {
@@ -703,7 +703,11 @@ pub(crate) fn read_only(spool_dir: &Path) -> Result<Vec<QueuedMessage>, SpoolErr
             continue;
         }
         let path = entry.path();
-        let file = File::open(&path).context(|| format!("opening {}", path.display()))?;
+        let file = match File::open(&path) {
+            // Deleted since the listing: it was free.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            file => file.context(|| format!("opening {}", path.display()))?,
+        };
         if let Some(header) = read_header(&file, &path)?.filter(|header| header.active) {
             active.push((header, path, Arc::new(file)));
         }
@@ -715,14 +719,24 @@ pub(crate) fn read_only(spool_dir: &Path) -> Result<Vec<QueuedMessage>, SpoolErr
     }
     let mut residents: Vec<_> = residents.into_iter().collect();
     residents.sort_unstable_by_key(|(id, _)| *id);
-    let messages = residents.iter().map(|(id, resident)| read_entry(resident, *id)).collect();
-    // Every file still as it was when read: none was reclaimed or reused meanwhile.
+    let entries: Vec<_> = residents
+        .iter()
+        .map(|(id, resident)| (resident.sequence, read_entry(resident, *id)))
+        .collect();
+    // A file reclaimed (or reclaimed and reused) while it was read had no message left in the
+    // journal only: each was removed, or moved to the database, which the caller reads
+    // after this. What was read from it is dropped, errors included.
+    let mut changed = HashSet::new();
     for (header, path, file) in &active {
         if read_header(file, path)? != Some(*header) {
-            return Err(SpoolError::Corrupt(format!("{} changed while read", path.display())));
+            changed.insert(header.sequence);
         }
     }
-    messages
+    entries
+        .into_iter()
+        .filter(|(sequence, _)| !changed.contains(sequence))
+        .map(|(_, entry)| entry)
+        .collect()
 }
 
 fn read_header(file: &File, path: &Path) -> Result<Option<Header>, SpoolError> {

@@ -159,17 +159,7 @@ impl SqliteSpool {
     /// say): every message with its recipients, oldest first. A snapshot, as of a moment
     /// during the call.
     pub fn read_queue(dir: &Path) -> Result<Vec<QueuedMessage>, SpoolError> {
-        // A journal file reused while it was read: the writer moved on, read again.
-        let mut attempts = 0;
-        let in_journal = loop {
-            attempts += 1;
-            match journal::read_only(dir) {
-                Err(error) if attempts < 3 => {
-                    warn!(%error, "reading the spool journal again");
-                }
-                result => break result?,
-            }
-        };
+        let in_journal = journal::read_only(dir)?;
         // After the journal: a message moving meanwhile is found in both, never in neither.
         let mut connection = open_reader(&dir.join(DATABASE))?;
         let in_database = db::list(&mut connection)?;
