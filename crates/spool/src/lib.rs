@@ -229,6 +229,10 @@ pub struct SpoolStats {
     /// Times the log started over from its first frame, everything in it having been
     /// copied into the database.
     pub log_restarts: u64,
+    /// Syncs of records that no stored mail's sync carried to the disk (removals and other
+    /// outcomes), made a second after them: of the journal by the writer, of the log by the
+    /// checkpoint thread.
+    pub lazy_syncs: u64,
     /// A sync of the log or the journal failed: nothing is acknowledged any more until the
     /// spool is opened again (Linux reports a failed writeback only once).
     pub log_sync_failed: bool,

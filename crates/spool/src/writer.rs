@@ -125,6 +125,7 @@ pub(crate) struct Counters {
     checkpoints: AtomicU64,
     log_syncs: AtomicU64,
     log_restarts: AtomicU64,
+    lazy_syncs: AtomicU64,
     /// A sync of the log failed. Linux reports a failed writeback once and then marks the
     /// pages clean, so a later sync succeeding proves nothing about the frames before it:
     /// from then on no operation is acknowledged, until the spool is opened again.
@@ -141,6 +142,7 @@ impl Counters {
             checkpoints: self.checkpoints.load(Ordering::Relaxed),
             log_syncs: self.log_syncs.load(Ordering::Relaxed),
             log_restarts: self.log_restarts.load(Ordering::Relaxed),
+            lazy_syncs: self.lazy_syncs.load(Ordering::Relaxed),
             log_sync_failed: self.log_sync_failed.load(Ordering::Relaxed),
         }
     }
@@ -550,7 +552,10 @@ impl Writer {
         if self.journal.unsynced() {
             self.journal.sync_requested();
             // A failure stops every acknowledgement, see sync_file.
-            let _ = sync_file(&self.journal.current_file(), &self.counters, "the spool journal");
+            if sync_file(&self.journal.current_file(), &self.counters, "the spool journal").is_ok()
+            {
+                self.counters.lazy_syncs.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -1098,8 +1103,8 @@ fn checkpoint_loop(
         }
         // A PASSIVE checkpoint syncs the log only when it has frames to copy, which readers'
         // snapshots can prevent: the records waiting for a sync get one here.
-        if unsynced_since.take().is_some() {
-            let _ = sync_log(log, counters);
+        if unsynced_since.take().is_some() && sync_log(log, counters).is_ok() {
+            counters.lazy_syncs.fetch_add(1, Ordering::Relaxed);
         }
         match connection.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
             Ok((_, copied)) => {
