@@ -322,14 +322,27 @@ pub(crate) fn mark_journal_removed(connection: &Connection, id: QueueId) -> Resu
         .context(|| format!("recording the removal of message {id}"))
 }
 
-/// The messages moved here from the journal and removed.
-pub(crate) fn journal_removed(connection: &Connection) -> Result<HashSet<QueueId>, SpoolError> {
+/// The messages moved here from the journal and removed; none in a database of version 6
+/// or older, which a server of that version may still have open.
+fn journal_removed(connection: &Connection) -> Result<HashSet<QueueId>, SpoolError> {
+    let context = || "listing the removals of messages that came from the journal".to_string();
+    let table: bool = connection
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master
+                 WHERE type = 'table' AND name = 'journal_removed')",
+            [],
+            |row| row.get(0),
+        )
+        .context(context)?;
+    if !table {
+        return Ok(HashSet::new());
+    }
     connection
         .prepare_cached("SELECT id FROM journal_removed")
         .and_then(|mut select| {
             select.query_map([], |row| row.get::<_, i64>(0).map(|id| QueueId(id as u64)))?.collect()
         })
-        .context(|| "listing the removals of messages that came from the journal".into())
+        .context(context)
 }
 
 /// Forgets the removal of a message whose journal entry is gone.
@@ -546,10 +559,23 @@ pub(crate) fn segment_in_use(connection: &Connection, segment: u64) -> Result<bo
 
 /// Every message with its recipients, oldest first.
 pub(crate) fn list(connection: &mut Connection) -> Result<Vec<QueuedMessage>, SpoolError> {
-    let context = || "listing the queue".to_string();
     // One read transaction, so both queries see the same snapshot: a message removed between
     // them must not show up without its recipients.
-    let snapshot = connection.transaction().context(context)?;
+    let snapshot = connection.transaction().context(|| "listing the queue".into())?;
+    list_in(&snapshot)
+}
+
+/// [`list`], and the messages moved here from the journal and removed (see
+/// [`MIGRATE_6_TO_7`]), in one snapshot.
+pub(crate) fn list_with_journal_removed(
+    connection: &mut Connection,
+) -> Result<(Vec<QueuedMessage>, HashSet<QueueId>), SpoolError> {
+    let snapshot = connection.transaction().context(|| "listing the queue".into())?;
+    Ok((list_in(&snapshot)?, journal_removed(&snapshot)?))
+}
+
+fn list_in(snapshot: &Connection) -> Result<Vec<QueuedMessage>, SpoolError> {
+    let context = || "listing the queue".to_string();
     let mut messages = Vec::new();
     {
         let mut select = snapshot

@@ -609,8 +609,11 @@ impl Journal {
         while self.reclaimable() {
             let oldest = self.files.front().expect("reclaimable");
             let free = Header { active: false, sequence: oldest.sequence, nonce: 0 };
-            let freed =
-                oldest.file.write_all_at(&free.encode(), 0).and_then(|()| oldest.file.sync_data());
+            let freed = oldest
+                .file
+                .write_all_at(&free.encode(), 0)
+                .context(|| "freeing a journal file".into())
+                .and_then(|()| sync_file(&oldest.file, &self.counters, "a freed journal file"));
             if let Err(error) = freed {
                 // Kept as it is: recovery replays it, which is correct, only slower.
                 warn!(%error, slot = oldest.slot, "cannot free a journal file");
@@ -689,11 +692,16 @@ impl Journal {
 
 /// The messages in the journal in `spool_dir`, read without taking the spool's lock (while
 /// the server runs, say), oldest first: those that moved to SQLite too. The caller reads
-/// the database after this.
-pub(crate) fn read_only(spool_dir: &Path) -> Result<Vec<QueuedMessage>, SpoolError> {
+/// the database after this, and then asks the returned [`JournalFiles`] whether every file
+/// is still as it was.
+pub(crate) fn read_only(
+    spool_dir: &Path,
+) -> Result<(Vec<QueuedMessage>, JournalFiles), SpoolError> {
     let dir = spool_dir.join(DIR);
     let listing = match fs::read_dir(&dir) {
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Vec::new(), JournalFiles(Vec::new())));
+        }
         listing => listing.context(|| format!("listing {}", dir.display()))?,
     };
     let mut active = Vec::new();
@@ -732,11 +740,30 @@ pub(crate) fn read_only(spool_dir: &Path) -> Result<Vec<QueuedMessage>, SpoolErr
             changed.insert(header.sequence);
         }
     }
-    entries
+    let messages = entries
         .into_iter()
         .filter(|(sequence, _)| !changed.contains(sequence))
         .map(|(_, entry)| entry)
-        .collect()
+        .collect::<Result<_, _>>()?;
+    active.retain(|(header, ..)| !changed.contains(&header.sequence));
+    Ok((messages, JournalFiles(active)))
+}
+
+/// The journal files a [`read_only`] read, to check afterwards that none changed.
+pub(crate) struct JournalFiles(Vec<(Header, PathBuf, Arc<File>)>);
+
+impl JournalFiles {
+    /// Whether every file is still as it was read. When one was freed meanwhile, what was
+    /// read from it and what the database said about its messages need not agree: the
+    /// database's rows of messages removed after moving there go when their file is freed.
+    pub(crate) fn unchanged(&self) -> Result<bool, SpoolError> {
+        for (header, path, file) in &self.0 {
+            if read_header(file, path)? != Some(*header) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
 fn read_header(file: &File, path: &Path) -> Result<Option<Header>, SpoolError> {

@@ -33,6 +33,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// message loads of a busy queue manager (one per delivery under way), so a connection is
 /// not opened and closed, with its log file, for each message.
 const IDLE_READERS: usize = 16;
+/// Times [`SqliteSpool::read_queue`] reads the journal and the database again when journal
+/// files were freed meanwhile.
+const READ_QUEUE_ATTEMPTS: u32 = 5;
 /// After a checkpoint the log is truncated back to this size; without a limit it keeps the
 /// size of the largest batch ever written.
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
@@ -159,14 +162,24 @@ impl SqliteSpool {
     /// say): every message with its recipients, oldest first. A snapshot, as of a moment
     /// during the call.
     pub fn read_queue(dir: &Path) -> Result<Vec<QueuedMessage>, SpoolError> {
-        let in_journal = journal::read_only(dir)?;
-        // After the journal: a message moving meanwhile is found in both, never in neither.
         let mut connection = open_reader(&dir.join(DATABASE))?;
-        let in_database = db::list(&mut connection)?;
-        // Moved to the database and removed there: its journal entry is dead.
-        let removed = db::journal_removed(&connection)?;
-        let in_journal = in_journal.into_iter().filter(|m| !removed.contains(&m.id)).collect();
-        Ok(merge_by_id(in_database, in_journal))
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (in_journal, files) = journal::read_only(dir)?;
+            // After the journal: a message moving meanwhile is found in both, never in
+            // neither.
+            let (in_database, removed) = db::list_with_journal_removed(&mut connection)?;
+            // A journal file freed since it was read may have held a message moved to the
+            // database and removed there, whose removal row went with the file: read again.
+            // A busy server frees files often; after a few attempts the listing stands as it
+            // is, which at worst shows such a message once more.
+            if files.unchanged()? || attempts == READ_QUEUE_ATTEMPTS {
+                let in_journal =
+                    in_journal.into_iter().filter(|m| !removed.contains(&m.id)).collect();
+                return Ok(merge_by_id(in_database, in_journal));
+            }
+        }
     }
 
     /// Stops the writer after it has finished every operation already submitted, and closes

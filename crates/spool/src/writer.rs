@@ -130,6 +130,10 @@ pub(crate) struct Counters {
     /// pages clean, so a later sync succeeding proves nothing about the frames before it:
     /// from then on no operation is acknowledged, until the spool is opened again.
     pub(crate) log_sync_failed: AtomicBool,
+    /// Held across each sync and the check of `log_sync_failed` after it: threads sync the
+    /// same files through shared handles, and of two syncs running at once the one that
+    /// does not get the error must still see it (see [`sync_file`]).
+    sync_lock: std::sync::Mutex<()>,
 }
 
 impl Counters {
@@ -869,10 +873,12 @@ impl Writer {
     }
 
     /// Removes a message from the database, and records the removal there if the message
-    /// came from a journal file that still exists (see `journal`).
+    /// came from a journal file that still exists (see `journal`): moved before, or by an
+    /// earlier operation of this transaction (the journal learns of that move after the
+    /// commit, so it still says `Journal`).
     fn remove_from_database(&self, id: QueueId, emptied: &mut Vec<u64>) -> Result<(), SpoolError> {
         db::remove(&self.connection, id, emptied)?;
-        if self.journal.residence(id) == Residence::Moved {
+        if self.journal.residence(id) != Residence::Elsewhere {
             db::mark_journal_removed(&self.connection, id)?;
         }
         Ok(())
@@ -1235,12 +1241,20 @@ fn sync_log(log: &File, counters: &Counters) -> Result<(), SpoolError> {
 /// of them: so whichever sees the failure stops all acknowledgements (see
 /// [`Counters::log_sync_failed`]).
 pub(crate) fn sync_file(file: &File, counters: &Counters, what: &str) -> Result<(), SpoolError> {
-    file.sync_data().map_err(|error| {
+    // One sync at a time: two running at once through one open file would see a failed
+    // writeback once between them, and the other would succeed for the same pages. Taken
+    // in turns, the second sees the flag the first set.
+    let _turn = counters.sync_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Err(error) = file.sync_data() {
         counters.log_sync_failed.store(true, Ordering::Relaxed);
         let error = SpoolError::io(format!("syncing {what}"), error);
         error!(%error, "spool sync failed; no more mail is accepted until the server is restarted");
-        error
-    })
+        return Err(error);
+    }
+    match counters.log_sync_failed.load(Ordering::Relaxed) {
+        true => Err(log_sync_failed()),
+        false => Ok(()),
+    }
 }
 
 fn log_sync_failed() -> SpoolError {

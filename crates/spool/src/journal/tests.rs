@@ -64,8 +64,16 @@ fn records_replay_after_a_reopen_byte_for_byte() {
     }
     assert!(load_content(&index, a.id).is_none(), "removed");
     // The same, read by another process while this one has the journal open.
-    let read: Vec<QueueId> = read_only(dir.path()).unwrap().iter().map(|m| m.id).collect();
-    assert_eq!(read, expected);
+    let (read, files) = read_only(dir.path()).unwrap();
+    assert_eq!(read.iter().map(|m| m.id).collect::<Vec<_>>(), expected);
+    assert!(files.unchanged().unwrap());
+    // A file freed after the read is seen.
+    let mut journal = journal;
+    append(&mut journal, &[&message(&vec![0; Limits::default().file_size as usize])], &[]);
+    append(&mut journal, &[], &[b.id, c.id]);
+    assert!(journal.reclaimable());
+    journal.reclaim_synced();
+    assert!(!files.unchanged().unwrap());
 }
 
 #[test]

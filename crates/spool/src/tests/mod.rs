@@ -1107,3 +1107,34 @@ fn a_version_6_spool_gets_the_journal_removal_table() {
         connection.query_row("SELECT count(*) FROM journal_removed", [], |row| row.get(0)).unwrap();
     assert_eq!(rows, 0, "it never was in the journal");
 }
+
+#[test]
+fn a_message_moved_and_removed_in_one_batch_does_not_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    let (message, other) = (message(b"moved and removed at once"), message(b"other"));
+    rt.block_on(async {
+        spool.store_all(vec![message.clone(), other.clone()]).await.unwrap();
+        let deferred = RecipientStatus::Deferred {
+            attempts: 1,
+            next_attempt: millis(60_000),
+            last_error: "451 4.4.1 no answer".into(),
+            delay_notified: false,
+        };
+        // Submitted together, they share a batch (a record without fsync waits for more):
+        // the move, then the removal, in one transaction.
+        let before = spool.stats().commits;
+        let (moved, removed) = tokio::join!(
+            spool.update_recipients(message.id, vec![(0, deferred)]),
+            spool.remove(message.id)
+        );
+        moved.unwrap();
+        removed.unwrap();
+        assert_eq!(spool.stats().commits - before, 1, "one batch");
+    });
+    drop(spool);
+    assert_eq!(SqliteSpool::read_queue(dir.path()).unwrap(), vec![queued(&other)]);
+    let spool = SqliteSpool::open(dir.path()).unwrap();
+    assert_eq!(rt.block_on(spool.list()).unwrap(), vec![queued(&other)]);
+}
