@@ -204,3 +204,37 @@ fn only_messages_waiting_long_in_a_full_journal_are_to_move() {
     journal.limits.max_files = 10;
     assert_eq!(journal.overflow(), [], "within the bound");
 }
+
+/// A file whose sync fails, as after a failed writeback: a pipe (`fdatasync` says EINVAL).
+fn unsyncable() -> Arc<File> {
+    let (_, writer) = std::io::pipe().unwrap();
+    Arc::new(File::from(std::os::fd::OwnedFd::from(writer)))
+}
+
+#[test]
+fn a_failed_sync_stops_acknowledgements_even_where_another_succeeds() {
+    let counters = Counters::default();
+    assert!(sync_file(&unsyncable(), &counters, "a test file").is_err());
+    assert!(counters.log_sync_failed.load(std::sync::atomic::Ordering::Relaxed));
+    // The next sync of a good file succeeds, but the pages of the failed one may be gone: it
+    // must not be taken for a success.
+    let dir = tempfile::tempdir().unwrap();
+    let good = File::create(dir.path().join("good")).unwrap();
+    let after = sync_file(&good, &counters, "a test file");
+    assert!(matches!(&after, Err(SpoolError::Io { context, .. }) if context.contains("restart")));
+}
+
+#[test]
+fn a_failed_sync_of_a_full_file_stops_acknowledgements() {
+    let dir = tempfile::tempdir().unwrap();
+    let counters = Arc::new(Counters::default());
+    let limits = Limits { file_size: 1024, ..Limits::default() };
+    let mut journal =
+        Journal::open(dir.path(), limits, counters.clone(), &mut |_| Ok(false)).unwrap();
+    append(&mut journal, &[&message(&[1; 2048])], &[]);
+    // The full file's sync, before the next one is started, fails.
+    journal.files.back_mut().unwrap().file = unsyncable();
+    let next = message(b"next");
+    let _ = journal.append(&[EncodedMessage::new(&next).unwrap()], &[]);
+    assert!(counters.log_sync_failed.load(std::sync::atomic::Ordering::Relaxed));
+}
