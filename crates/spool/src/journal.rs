@@ -35,14 +35,16 @@
 //! # Reclaiming files
 //!
 //! A removal record can be in a later file than its message, so files are reclaimed in order:
-//! the oldest file goes once none of its messages is left in the journal, after the current
-//! file and the database's log are synced (so that neither a removal nor a move can be lost
-//! to a power failure once the message's entry is gone). Reclaiming rewrites the header as
-//! free and syncs it; from then on recovery ignores the file. A message that moved to SQLite
-//! and is later removed there, while its journal file still exists, leaves a row in SQLite's
-//! `journal_removed` table, written in the removal's transaction, or recovery would find it
-//! in the journal and not in SQLite, and bring it back; the rows go once the file is
-//! reclaimed.
+//! the oldest file goes once none of its messages is left in the journal, after the database's
+//! log is synced (so that a move cannot be lost to a power failure once the message's entry is
+//! gone; a removal record lost with a later file is harmless once its message's file is
+//! freed). Reclaiming rewrites the header as free and syncs it; from then on recovery ignores
+//! the file. A message that moved to SQLite and is later removed there, while its journal file
+//! still exists, leaves a row in SQLite's `journal_removed` table, written in the removal's
+//! transaction, or recovery would find it in the journal and not in SQLite, and bring it back;
+//! the rows go once the file is reclaimed. One message waiting long would keep every later
+//! file: when there are more than [`Limits::max_files`] and the oldest is
+//! [`Limits::move_after`] old, the messages left in it move to SQLite.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -81,6 +83,7 @@ impl Default for Limits {
         Limits { file_size: 16 << 20, max_files: 8, move_after: Duration::from_secs(60) }
     }
 }
+
 /// Free files kept for reuse; more are deleted.
 const SPARE_FILES: usize = 4;
 const HEADER_LEN: u64 = 64;
