@@ -301,18 +301,6 @@ pub(crate) fn highest_id(connection: &Connection) -> Result<QueueId, SpoolError>
         .context(|| "finding the highest queue id".into())
 }
 
-/// Whether a message from the journal is the database's: in it, or moved here and removed
-/// (see [`MIGRATE_6_TO_7`]).
-pub(crate) fn taken_from_journal(connection: &Connection, id: QueueId) -> Result<bool, SpoolError> {
-    connection
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM message WHERE id = ?1)
-                 OR EXISTS (SELECT 1 FROM journal_removed WHERE id = ?1)",
-        )
-        .and_then(|mut select| select.query_row([sql_id(id)], |row| row.get(0)))
-        .context(|| format!("looking for message {id}"))
-}
-
 /// Records that a message that came from the journal was removed here.
 pub(crate) fn mark_journal_removed(connection: &Connection, id: QueueId) -> Result<(), SpoolError> {
     connection
@@ -324,7 +312,7 @@ pub(crate) fn mark_journal_removed(connection: &Connection, id: QueueId) -> Resu
 
 /// The messages moved here from the journal and removed; none in a database of version 6
 /// or older, which a server of that version may still have open.
-fn journal_removed(connection: &Connection) -> Result<HashSet<QueueId>, SpoolError> {
+pub(crate) fn journal_removed(connection: &Connection) -> Result<HashSet<QueueId>, SpoolError> {
     let context = || "listing the removals of messages that came from the journal".to_string();
     let table: bool = connection
         .query_row(
@@ -362,21 +350,11 @@ pub(crate) fn forget_journal_removal(
 pub(crate) fn forget_journal_removals(
     connection: &Connection,
     keep: impl Fn(QueueId) -> bool,
-) -> Result<usize, SpoolError> {
-    let context = || "forgetting removals of messages that left the journal".to_string();
-    let ids: Vec<i64> = connection
-        .prepare_cached("SELECT id FROM journal_removed")
-        .and_then(|mut select| {
-            select.query_map([], |row| row.get(0))?.collect::<Result<Vec<i64>, _>>()
-        })
-        .context(context)?;
-    let mut delete =
-        connection.prepare_cached("DELETE FROM journal_removed WHERE id = ?1").context(context)?;
-    let mut forgotten = 0;
-    for id in ids.into_iter().filter(|id| !keep(QueueId(*id as u64))) {
-        forgotten += delete.execute([id]).context(context)?;
-    }
-    Ok(forgotten)
+) -> Result<(), SpoolError> {
+    journal_removed(connection)?
+        .into_iter()
+        .filter(|id| !keep(*id))
+        .try_for_each(|id| forget_journal_removal(connection, id))
 }
 
 /// Writes a message's recipients into the recipient table.

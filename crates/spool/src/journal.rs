@@ -297,8 +297,6 @@ pub(crate) enum Residence {
     Moved,
     /// Not in the journal: in SQLite or nowhere.
     Elsewhere,
-    /// Removed by an earlier operation of the batch being routed (never returned here).
-    Removed,
 }
 
 /// Reads from the journal for the readers; `None` when SQLite has the message, or nobody.
@@ -313,14 +311,25 @@ pub(crate) fn load_content(
 }
 
 fn read_content(resident: &Resident, id: QueueId) -> Result<Vec<u8>, SpoolError> {
-    let length = usize::try_from(resident.place.length)
-        .map_err(|_| SpoolError::Corrupt(format!("message {id}: content too large")))?;
-    let mut content = vec![0; length];
+    read_at(resident, resident.place.content, resident.place.length, id)
+}
+
+/// `length` octets at `offset` of a resident's file.
+fn read_at(
+    resident: &Resident,
+    offset: u64,
+    length: u64,
+    id: QueueId,
+) -> Result<Vec<u8>, SpoolError> {
+    let length = usize::try_from(length).map_err(|_| {
+        SpoolError::Corrupt(format!("message {id}: {length} octets in the journal"))
+    })?;
+    let mut data = vec![0; length];
     resident
         .file
-        .read_exact_at(&mut content, resident.place.content)
-        .context(|| format!("reading the content of message {id} from the journal"))?;
-    Ok(content)
+        .read_exact_at(&mut data, offset)
+        .context(|| format!("reading message {id} from the journal"))?;
+    Ok(data)
 }
 
 /// Every message in the journal only, oldest first, without content.
@@ -337,14 +346,9 @@ pub(crate) fn list(index: &SharedIndex) -> Result<Vec<QueuedMessage>, SpoolError
 
 /// An entry's envelope and recipients, read from its file.
 fn read_entry(resident: &Resident, id: QueueId) -> Result<QueuedMessage, SpoolError> {
-    let length = usize::try_from(resident.place.content - resident.place.entry)
-        .map_err(|_| SpoolError::Corrupt(format!("message {id}: entry too large")))?;
     // The entry up to its content, and the content's length field before it.
-    let mut entry = vec![0; length];
-    resident
-        .file
-        .read_exact_at(&mut entry, resident.place.entry)
-        .context(|| format!("reading message {id} from the journal"))?;
+    let place = resident.place;
+    let mut entry = read_at(resident, place.entry, place.content - place.entry, id)?;
     // decode_entry wants the content too; skip it by faking a zero length.
     let cut = entry.len() - 8;
     entry[cut..].copy_from_slice(&0u64.to_le_bytes());

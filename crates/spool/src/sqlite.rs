@@ -95,9 +95,12 @@ impl SqliteSpool {
         let segments_dir = segments.dir().to_path_buf();
         let counters = Arc::new(Counters::default());
         // After the log's sync: a message the journal still has and SQLite has too (or
-        // removed after taking it) moved there, durably.
+        // removed after taking it) moved there, durably. Most of the journal's messages are
+        // newer than anything in the database and need no look-up there.
+        let highest_database_id = db::highest_id(&connection)?;
+        let removed = db::journal_removed(&connection)?;
         let journal = Journal::open(dir, journal_limits, counters.clone(), &mut |id| {
-            db::taken_from_journal(&connection, id)
+            Ok(removed.contains(&id) || (id <= highest_database_id && db::exists(&connection, id)?))
         })?;
         // Removals of messages whose journal files are gone (freed before a crash let the
         // writer forget them).
@@ -105,7 +108,6 @@ impl SqliteSpool {
             journal.residence(id) != Residence::Elsewhere
         })?;
         let journal_index = journal.index();
-        let highest_database_id = db::highest_id(&connection)?;
         // From here on the writer's commits do not sync the log; the sync thread does before
         // anyone is answered (see writer::Syncer). NORMAL rather than OFF: in WAL mode NORMAL
         // skips the sync at commit but keeps the one SQLite makes of a new log header when it

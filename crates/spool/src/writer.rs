@@ -336,13 +336,11 @@ impl Writer {
                 Err(error) => results[i] = Err(error),
             }
         }
-        let mut stored_in_journal = false;
         if !appended.is_empty() {
             match self.journal.append(&encoded, &removals) {
                 Ok(_) => {
-                    stored_in_journal = !encoded.is_empty();
                     self.counters.commits.fetch_add(1, Ordering::Relaxed);
-                    if stored_in_journal {
+                    if !encoded.is_empty() {
                         self.counters.synced_commits.fetch_add(1, Ordering::Relaxed);
                     }
                     self.counters.operations.fetch_add(appended.len() as u64, Ordering::Relaxed);
@@ -360,7 +358,9 @@ impl Writer {
         }
         drop(encoded);
 
-        // The replies: after a sync for new mail, at once for the rest.
+        // The replies: after a sync for new mail, at once for the rest. A request that stored
+        // mail and succeeded was appended to the journal (the current file), or committed to
+        // the database in a transaction that needs the log synced.
         let (mut now, mut later) = (Vec::new(), Vec::new());
         let (mut sync_journal, mut sync_log) = (false, false);
         for (i, (waiter, result)) in waiters.into_iter().zip(results).enumerate() {
@@ -378,11 +378,11 @@ impl Writer {
         reply(now);
         if !later.is_empty() {
             let mut files = Vec::new();
-            if sync_journal && stored_in_journal {
+            if sync_journal {
                 files.push(self.journal.current_file());
                 self.journal.sync_requested();
             }
-            if sync_log && committed == Some(Commit::Synced) {
+            if sync_log {
                 files.push(self.log.clone());
             }
             self.syncer.sync_then_reply(files, later);
@@ -397,12 +397,12 @@ impl Writer {
     /// Where each operation of a batch is carried out.
     fn route(&self, operations: &[Operation]) -> Vec<Route> {
         // Messages that an earlier operation of the batch moves out of the journal (true) or
-        // removes from it (false).
+        // removes from it (false: a later operation on it finds nothing).
         let mut handled: HashMap<QueueId, bool> = HashMap::new();
         let residence = |handled: &HashMap<QueueId, bool>, id: QueueId| match handled.get(&id) {
-            Some(true) => Residence::Elsewhere,
-            Some(false) => Residence::Removed,
-            None => self.journal.residence(id),
+            Some(true) => Ok(Residence::Elsewhere),
+            Some(false) => Err(SpoolError::NotFound(id)),
+            None => Ok(self.journal.residence(id)),
         };
         operations
             .iter()
@@ -415,28 +415,28 @@ impl Writer {
                         }
                     }
                     Operation::Remove(id) => match residence(&handled, *id) {
-                        Residence::Journal => Route::Journal { remove: Some(*id) },
-                        Residence::Removed => Route::Failed(SpoolError::NotFound(*id)),
-                        Residence::Moved | Residence::Elsewhere => Route::Database,
+                        Ok(Residence::Journal) => Route::Journal { remove: Some(*id) },
+                        Ok(Residence::Moved | Residence::Elsewhere) => Route::Database,
+                        Err(error) => Route::Failed(error),
                     },
                     Operation::Update(id, updates) => match residence(&handled, *id) {
-                        Residence::Journal => self.plan_move(*id, updates, Vec::new()),
-                        Residence::Removed => Route::Failed(SpoolError::NotFound(*id)),
-                        Residence::Moved | Residence::Elsewhere => Route::Database,
+                        Ok(Residence::Journal) => self.plan_move(*id, updates, Vec::new()),
+                        Ok(Residence::Moved | Residence::Elsewhere) => Route::Database,
+                        Err(error) => Route::Failed(error),
                     },
                     Operation::Outcome { id, updates, remove, new } => {
                         match (residence(&handled, *id), remove) {
-                            (Residence::Journal, true) if new.iter().all(db::all_pending) => {
+                            (Ok(Residence::Journal), true) if new.iter().all(db::all_pending) => {
                                 Route::Journal { remove: Some(*id) }
                             }
-                            (Residence::Journal, true) => Route::Failed(SpoolError::Corrupt(
+                            (Ok(Residence::Journal), true) => Route::Failed(SpoolError::Corrupt(
                                 format!("a notice about {id} with recipients already tried"),
                             )),
-                            (Residence::Journal, false) => {
+                            (Ok(Residence::Journal), false) => {
                                 self.plan_move(*id, updates, new.clone())
                             }
-                            (Residence::Removed, _) => Route::Failed(SpoolError::NotFound(*id)),
-                            (Residence::Moved | Residence::Elsewhere, _) => Route::Database,
+                            (Ok(Residence::Moved | Residence::Elsewhere), _) => Route::Database,
+                            (Err(error), _) => Route::Failed(error),
                         }
                     }
                     Operation::Move(_) => unreachable!("moves are made here, not requested"),
