@@ -119,6 +119,24 @@ impl Router {
             .is_some_and(|(_, domain)| self.domains.contains(&domain_key(domain)))
     }
 
+    /// What two final addresses (from [`Router::resolve`], or remote RCPTs) that are one
+    /// recipient have in common: our mailboxes ignore case; a remote local part's case is
+    /// the remote host's to interpret (RFC 5321 section 2.4), its domain is compared as
+    /// [`domain_key`] writes it (an alias's remote target is stored that way, a RCPT keeps
+    /// the client's form).
+    pub fn recipient_key(&self, address: &str) -> String {
+        match address.rsplit_once('@') {
+            Some((local, domain)) => {
+                let domain = domain_key(domain);
+                match self.domains.contains(&domain) {
+                    true => format!("{}@{domain}", local.to_lowercase()),
+                    false => format!("{local}@{domain}"),
+                }
+            }
+            None => address.to_lowercase(),
+        }
+    }
+
     /// Looks up a RCPT TO path.
     pub fn resolve(&self, path: &ForwardPath) -> Lookup {
         let (local_part, domain) = match path {
@@ -128,12 +146,15 @@ impl Router {
                     self.domains.iter().min().cloned().unwrap_or_else(|| "localhost".into());
                 ("postmaster".to_string(), domain)
             }
-            ForwardPath::Mailbox(Mailbox { local_part, domain }) => {
-                if !self.is_local_domain(domain) {
+            ForwardPath::Mailbox(Mailbox { local_part, domain: Domain::Name(name) }) => {
+                let domain = domain_key(name);
+                if !self.domains.contains(&domain) {
                     return Lookup::NotLocal;
                 }
-                (local_part.clone(), domain_key(&domain.to_string()))
+                (local_part.clone(), domain)
             }
+            // An address literal is never one of our domains.
+            ForwardPath::Mailbox(_) => return Lookup::NotLocal,
         };
         let key = local_part.to_lowercase();
         let base = self.strip_extension(&key);
@@ -274,6 +295,15 @@ mod tests {
         );
         // Not valid IDNA: compared as it is.
         assert_eq!(domain_key("a..b.Example"), "a..b.example");
+        // One recipient, whichever form: the alias's remote target (an A-label) and the same
+        // address in a RCPT (a U-label); a remote local part keeps its case, ours do not.
+        let key = router.recipient_key("bob@xn--strae-oqa.example");
+        assert_eq!(router.recipient_key("bob@Straße.example"), key);
+        assert_ne!(router.recipient_key("Bob@Straße.example"), key);
+        assert_eq!(
+            router.recipient_key("Anna@bücher.example"),
+            router.recipient_key("anna@xn--bcher-kva.example")
+        );
     }
 
     #[test]

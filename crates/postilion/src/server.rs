@@ -337,16 +337,7 @@ impl Server {
                 expanded.push(report);
             }
             for address in addresses {
-                // Our mailboxes ignore case; a remote local part's case is the remote
-                // host's to interpret (RFC 5321 section 2.4).
-                let key = match self.router.is_local_address(&address) {
-                    true => address.to_lowercase(),
-                    false => match address.rsplit_once('@') {
-                        Some((local, domain)) => format!("{local}@{}", domain.to_lowercase()),
-                        None => address.clone(),
-                    },
-                };
-                if seen.insert(key) {
+                if seen.insert(self.router.recipient_key(&address)) {
                     out.push(Recipient {
                         address,
                         original: original.clone(),
