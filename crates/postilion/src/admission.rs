@@ -26,7 +26,7 @@ use std::collections::{HashMap, VecDeque};
 pub enum Lane {
     /// A local mailbox, by name.
     Mailbox(String),
-    /// A remote destination domain, in lower case.
+    /// A remote destination domain, as `router::domain_key` writes it.
     Domain(String),
 }
 

@@ -664,7 +664,9 @@ impl Config {
         for (domain, route) in std::mem::take(&mut self.outbound.routes) {
             let key = crate::router::domain_key(&domain);
             if routes.insert(key.clone(), route).is_some() {
-                bail!("outbound.routes has {key:?} twice (names are compared without case)");
+                bail!(
+                    "outbound.routes has {key:?} twice (names are compared without case, an internationalized name as its A-label)"
+                );
             }
         }
         self.outbound.routes = routes;
