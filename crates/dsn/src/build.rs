@@ -1,9 +1,7 @@
 //! Assembling a notice: the RFC 6522 container, the explanation, the RFC 3464 fields and the
 //! returned content.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use smtp_proto::trace::rfc5322_date;
+use smtp_proto::trace::rfc5322_date_at as date;
 use smtp_proto::{BodyType, Ret, is_atext};
 
 use crate::field::{clean, clean_lines, clean_word, push_field, push_wrapped};
@@ -237,19 +235,6 @@ fn subject(kind: Kind) -> &'static str {
         Kind::Success => "Successful Mail Delivery Report",
         Kind::Relayed => "Relayed Mail Report",
     }
-}
-
-fn date(time: SystemTime) -> String {
-    let seconds = match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_secs()).unwrap_or(i64::MAX),
-        Err(before) => {
-            let before = before.duration();
-            let whole = i64::try_from(before.as_secs()).unwrap_or(i64::MAX);
-            // Round down, so that 0.5 s before the epoch is still in 1969.
-            -whole - i64::from(before.subsec_nanos() > 0)
-        }
-    };
-    rfc5322_date(seconds)
 }
 
 /// Chooses what to return of the original message.
@@ -660,20 +645,6 @@ mod tests {
         assert!(!is_dot_atom("a..b"));
         assert!(!is_dot_atom("a b"));
         assert!(!is_dot_atom(""));
-    }
-
-    #[test]
-    fn dates_before_the_epoch_round_down() {
-        use std::time::Duration;
-        assert_eq!(date(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
-        assert_eq!(
-            date(UNIX_EPOCH - Duration::from_millis(500)),
-            "Wed, 31 Dec 1969 23:59:59 +0000"
-        );
-        assert_eq!(
-            date(UNIX_EPOCH + Duration::from_secs(1_795_386_725)),
-            "Sun, 22 Nov 2026 22:32:05 +0000"
-        );
     }
 
     #[test]

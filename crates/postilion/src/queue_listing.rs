@@ -2,10 +2,10 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Subcommand;
+use smtp_proto::trace::rfc5322_date_at as date;
 use spool::{QueuedMessage, RecipientStatus, SqliteSpool};
 
 #[derive(Subcommand)]
@@ -59,12 +59,4 @@ fn describe(message: &QueuedMessage, out: &mut String) {
         };
         let _ = writeln!(out, "    <{}>  {state}", recipient.address);
     }
-}
-
-fn date(time: SystemTime) -> String {
-    let seconds = match time.duration_since(UNIX_EPOCH) {
-        Ok(since) => since.as_secs() as i64,
-        Err(before) => -(before.duration().as_secs() as i64),
-    };
-    smtp_proto::trace::rfc5322_date(seconds)
 }

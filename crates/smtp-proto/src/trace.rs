@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The facts a Received header records about the hop that delivered a message to us.
 #[derive(Debug, Clone)]
@@ -105,6 +106,20 @@ pub fn sanitize(value: &str) -> String {
         .collect()
 }
 
+/// [`rfc5322_date`] of a point in time, to the second (rounded down, also before 1970).
+pub fn rfc5322_date_at(time: SystemTime) -> String {
+    let seconds = match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_secs()).unwrap_or(i64::MAX),
+        Err(before) => {
+            let before = before.duration();
+            let whole = i64::try_from(before.as_secs()).unwrap_or(i64::MAX);
+            // Round down, so that 0.5 s before the epoch is still in 1969.
+            -whole - i64::from(before.subsec_nanos() > 0)
+        }
+    };
+    rfc5322_date(seconds)
+}
+
 /// An RFC 5322 section 3.3 date-time in UTC, e.g. `Sun, 22 Nov 2026 22:32:05 +0000`.
 pub fn rfc5322_date(unix_time: i64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
@@ -168,6 +183,20 @@ mod tests {
         assert_eq!(rfc5322_date(4_107_542_399), "Sun, 28 Feb 2100 23:59:59 +0000");
         assert_eq!(rfc5322_date(4_133_980_799), "Fri, 31 Dec 2100 23:59:59 +0000");
         assert_eq!(rfc5322_date(-1), "Wed, 31 Dec 1969 23:59:59 +0000");
+    }
+
+    #[test]
+    fn dates_of_points_in_time_round_down_also_before_the_epoch() {
+        use std::time::Duration;
+        assert_eq!(rfc5322_date_at(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
+        assert_eq!(
+            rfc5322_date_at(UNIX_EPOCH - Duration::from_millis(500)),
+            "Wed, 31 Dec 1969 23:59:59 +0000"
+        );
+        assert_eq!(
+            rfc5322_date_at(UNIX_EPOCH + Duration::from_millis(1_795_386_725_900)),
+            "Sun, 22 Nov 2026 22:32:05 +0000"
+        );
     }
 
     #[test]
