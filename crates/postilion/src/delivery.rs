@@ -7,7 +7,7 @@
 //! A notification and the outcome that caused it are recorded in one spool transaction, so
 //! a crash never loses one and never records a delivery whose notification is missing.
 
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -190,35 +190,6 @@ impl DeliveryQueue {
     }
 }
 
-/// A job waiting for its time in the dispatcher: ordered by time, then by arrival, soonest
-/// first in a [`BinaryHeap`].
-struct Later {
-    at: tokio::time::Instant,
-    arrival: u64,
-    job: Job,
-}
-
-impl PartialEq for Later {
-    fn eq(&self, other: &Later) -> bool {
-        (self.at, self.arrival) == (other.at, other.arrival)
-    }
-}
-
-impl Eq for Later {}
-
-impl PartialOrd for Later {
-    fn partial_cmp(&self, other: &Later) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Later {
-    fn cmp(&self, other: &Later) -> std::cmp::Ordering {
-        // Reversed: BinaryHeap pops the greatest.
-        (other.at, other.arrival).cmp(&(self.at, self.arrival))
-    }
-}
-
 /// How many jobs may deliver at once, locally and over SMTP, and the threads that write
 /// the local copies.
 struct Slots {
@@ -381,16 +352,17 @@ pub fn start(
                         None => spawn(running, (job, plan), None),
                     }
                 };
-            // Retries and recovered jobs not yet due, and the timer for the first of them.
-            let mut later: BinaryHeap<Later> = BinaryHeap::new();
+            // Retries and recovered jobs not yet due, by time and then arrival (which also
+            // makes the keys unique), and the timer for the first of them.
+            let mut later: BTreeMap<(tokio::time::Instant, u64), Job> = BTreeMap::new();
             let mut arrivals = 0u64;
             let timer = tokio::time::sleep(Duration::ZERO);
             tokio::pin!(timer);
             loop {
-                if let Some(first) = later.peek()
-                    && timer.deadline() != first.at
+                if let Some((&(first, _), _)) = later.first_key_value()
+                    && timer.deadline() != first
                 {
-                    timer.as_mut().reset(first.at);
+                    timer.as_mut().reset(first);
                 }
                 tokio::select! {
                     // Shutdown first: the tasks it cancels give their places back, and the
@@ -405,10 +377,8 @@ pub fn start(
                     }
                     () = timer.as_mut(), if !later.is_empty() => {
                         let now = tokio::time::Instant::now();
-                        while later.peek().is_some_and(|first| first.at <= now) {
-                            if let Some(due) = later.pop() {
-                                dispatch(due.job, &mut admission, &mut running);
-                            }
+                        while let Some(due) = later.first_entry().filter(|due| due.key().0 <= now) {
+                            dispatch(due.remove(), &mut admission, &mut running);
                         }
                     }
                     queued = receiver.recv() => {
@@ -416,7 +386,7 @@ pub fn start(
                         match at {
                             Some(at) => {
                                 arrivals += 1;
-                                later.push(Later { at, arrival: arrivals, job });
+                                later.insert((at, arrivals), job);
                             }
                             None => dispatch(job, &mut admission, &mut running),
                         }
@@ -979,20 +949,6 @@ mod tests {
                 .collect(),
             preloaded: None,
         }
-    }
-
-    #[test]
-    fn jobs_waiting_for_their_time_come_soonest_first_then_in_arrival_order() {
-        let start = tokio::time::Instant::now();
-        let at = |seconds| start + Duration::from_secs(seconds);
-        let mut later = BinaryHeap::new();
-        for (arrival, (seconds, id)) in
-            [(30, 1), (10, 2), (30, 3), (20, 4), (10, 5)].into_iter().enumerate()
-        {
-            later.push(Later { at: at(seconds), arrival: arrival as u64, job: job(id, &[]) });
-        }
-        let order: Vec<u64> = std::iter::from_fn(|| later.pop()).map(|due| due.job.id.0).collect();
-        assert_eq!(order, [2, 5, 4, 1, 3]);
     }
 
     #[test]
