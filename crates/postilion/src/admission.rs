@@ -36,57 +36,56 @@ pub struct LaneLimits {
     pub domain: usize,
 }
 
-/// The admission state: tasks running per lane, and the jobs waiting for one to end.
+/// The admission state: per lane with a task running, the tasks running and the jobs
+/// waiting for one to end.
 ///
 /// A lane has jobs waiting only while it is full: [`Admission::release`] admits the first
 /// waiting job as soon as a task leaves, so a newcomer never passes them.
 pub struct Admission<J> {
     limits: LaneLimits,
-    running: HashMap<Lane, usize>,
-    waiting: HashMap<Lane, VecDeque<J>>,
+    lanes: HashMap<Lane, LaneState<J>>,
+}
+
+struct LaneState<J> {
+    running: usize,
+    waiting: VecDeque<J>,
 }
 
 impl<J> Admission<J> {
     pub fn new(limits: LaneLimits) -> Admission<J> {
-        Admission { limits, running: HashMap::new(), waiting: HashMap::new() }
-    }
-
-    fn limit(&self, lane: &Lane) -> usize {
-        match lane {
-            Lane::Mailbox(_) => self.limits.mailbox,
-            Lane::Domain(_) => self.limits.domain,
-        }
+        Admission { limits, lanes: HashMap::new() }
     }
 
     /// A job for `lane` asks for a task: returned to be run now (counted in the lane), or
     /// `None`: it waits, to come back from [`Admission::release`].
     pub fn offer(&mut self, job: J, lane: &Lane) -> Option<J> {
-        let running = self.running.get(lane).copied().unwrap_or(0);
-        if running >= self.limit(lane) {
-            self.waiting.entry(lane.clone()).or_default().push_back(job);
-            return None;
+        let limit = match lane {
+            Lane::Mailbox(_) => self.limits.mailbox,
+            Lane::Domain(_) => self.limits.domain,
+        };
+        match self.lanes.get_mut(lane) {
+            Some(state) if state.running >= limit => {
+                state.waiting.push_back(job);
+                return None;
+            }
+            Some(state) => state.running += 1,
+            None => {
+                self.lanes.insert(lane.clone(), LaneState { running: 1, waiting: VecDeque::new() });
+            }
         }
-        self.running.insert(lane.clone(), running + 1);
         Some(job)
     }
 
     /// A task admitted for `lane` has ended: the first job waiting there, if any, runs now
-    /// in its place.
+    /// in its place (the count stays).
     pub fn release(&mut self, lane: &Lane) -> Option<J> {
-        if let Some(queue) = self.waiting.get_mut(lane)
-            && let Some(job) = queue.pop_front()
-        {
-            if queue.is_empty() {
-                self.waiting.remove(lane);
-            }
-            // It takes the place just left: the count stays.
+        let state = self.lanes.get_mut(lane)?;
+        if let Some(job) = state.waiting.pop_front() {
             return Some(job);
         }
-        if let Some(running) = self.running.get_mut(lane) {
-            *running -= 1;
-            if *running == 0 {
-                self.running.remove(lane);
-            }
+        state.running -= 1;
+        if state.running == 0 {
+            self.lanes.remove(lane);
         }
         None
     }
@@ -94,7 +93,7 @@ impl<J> Admission<J> {
     /// Jobs waiting for a lane.
     #[cfg(test)]
     fn waiting(&self) -> usize {
-        self.waiting.values().map(VecDeque::len).sum()
+        self.lanes.values().map(|state| state.waiting.len()).sum()
     }
 }
 
@@ -134,7 +133,7 @@ mod tests {
         assert_eq!(admission.release(&a), Some(5));
         assert_eq!(admission.release(&a), None);
         assert_eq!(admission.release(&a), None);
-        assert!(admission.running.is_empty() && admission.waiting.is_empty());
+        assert!(admission.lanes.is_empty(), "an idle lane is forgotten");
         assert_eq!(admission.offer(6, &a), Some(6));
     }
 
