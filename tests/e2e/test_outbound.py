@@ -542,3 +542,46 @@ def test_a_local_copy_does_not_wait_for_a_remote_slot(start_server, dns):
         silent.close()
         for connection in held:
             connection.close()
+
+
+def test_mail_for_a_stalled_domain_holds_no_remote_slot_while_it_waits_for_its_domain(
+    start_server, dns, smtp_peers
+):
+    """Two remote slots, one per domain: the first message for a domain whose host never
+    greets holds that domain's slot and one remote slot; the second waits for the domain's
+    slot without taking the other remote slot, which the next domain's mail gets at once."""
+    peers = smtp_peers(1)
+    silent = socket.socket()
+    silent.bind(("127.0.0.9", peers.port))
+    silent.listen(8)
+    held = []
+
+    def accept():
+        try:
+            while True:
+                held.append(silent.accept()[0])
+        except OSError:
+            pass  # closed at the end of the test
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        dns.add("stalled.test", "A", "127.0.0.9")
+        dns.add("working.test", "A", "127.0.0.2")
+        server = relay(
+            start_server, dns, peers.port,
+            outbound={"concurrency": 2, "destination_concurrency": 1, "greeting_timeout": "60s"},
+        )
+        send(server, ["bob@stalled.test"])
+        send(server, ["carol@stalled.test"])
+        deadline = time.time() + 10
+        while not held and time.time() < deadline:
+            time.sleep(0.05)
+        assert held, "the first message's delivery is waiting for the silent host's greeting"
+        send(server, ["dave@working.test"])
+        [message] = peers[0].wait_for(1, timeout=5)
+        assert message.rcpt_tos == ["dave@working.test"]
+        assert len(held) == 1, "one delivery at a time to the stalled domain"
+    finally:
+        silent.close()
+        for connection in held:
+            connection.close()

@@ -535,7 +535,8 @@ impl Deliverer {
         Box::pin(self.deliver_local(job, local, content, &slots.maildir_writers)).await
     }
 
-    /// The remote part of an attempt: waits for its slot, then delivers over SMTP.
+    /// The remote part of an attempt: waits for its domains' slots, then for a remote slot,
+    /// then delivers over SMTP.
     async fn remote_part(
         &self,
         job: &Job,
@@ -543,9 +544,17 @@ impl Deliverer {
         slots: &Slots,
         loaded: Loaded<'_>,
     ) -> Vec<(usize, Attempt)> {
+        let mut by_domain: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for &index in remote {
+            by_domain.entry(domain_of(&job.recipients[index].address)).or_default().push(index);
+        }
+        // The domains' slots first: a job of a lane that waits for its busy domain must not
+        // hold one of the remote slots, which every other domain's mail needs.
+        let domains: Vec<&str> = by_domain.keys().map(String::as_str).collect();
+        let _destinations = self.outbound.reserve_destinations(&domains).await;
         let _slot = slots.remote.acquire().await;
         let Some(content) = self.content(job.id, loaded).await else { return Vec::new() };
-        Box::pin(self.deliver_remote(job, remote, content)).await
+        Box::pin(self.deliver_remote(job, by_domain, content)).await
     }
 
     /// The message's content, read by whichever part of an attempt has its slots first, not
@@ -658,34 +667,38 @@ impl Deliverer {
         }
     }
 
-    /// Delivers the remote recipients: one SMTP delivery per destination domain (and per
-    /// `max_recipients`), all domains at once.
+    /// Delivers the remote recipients, grouped by destination domain: the domains at once,
+    /// one SMTP transaction per `max_recipients` of a domain.
     async fn deliver_remote(
         &self,
         job: &Job,
-        due: &[usize],
+        by_domain: BTreeMap<String, Vec<usize>>,
         content: Arc<Vec<u8>>,
     ) -> Vec<(usize, Attempt)> {
-        let mut by_domain: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for &index in due {
-            by_domain.entry(domain_of(&job.recipients[index].address)).or_default().push(index);
-        }
+        let due: usize = by_domain.values().map(Vec::len).sum();
         let mut deliveries = JoinSet::new();
+        // The domains at once; a domain's transactions (max_recipients each) one after the
+        // other, within its one destination slot.
         for (domain, indexes) in by_domain {
-            for chunk in indexes.chunks(self.outbound.max_recipients()) {
-                let outbound = self.outbound.clone();
-                let envelope = job.envelope.clone();
-                let content = content.clone();
-                let recipients: Vec<(usize, Recipient)> =
-                    chunk.iter().map(|&i| (i, job.recipients[i].clone())).collect();
-                let domain = domain.clone();
-                let id = job.id;
-                deliveries.spawn(async move {
-                    outbound.deliver(id, &envelope, &content, &domain, recipients).await
-                });
-            }
+            let outbound = self.outbound.clone();
+            let envelope = job.envelope.clone();
+            let content = content.clone();
+            let chunks: Vec<Vec<(usize, Recipient)>> = indexes
+                .chunks(self.outbound.max_recipients())
+                .map(|chunk| chunk.iter().map(|&i| (i, job.recipients[i].clone())).collect())
+                .collect();
+            let id = job.id;
+            deliveries.spawn(async move {
+                let mut attempts = Vec::new();
+                for recipients in chunks {
+                    attempts.extend(
+                        outbound.deliver(id, &envelope, &content, &domain, recipients).await,
+                    );
+                }
+                attempts
+            });
         }
-        let mut attempts = Vec::with_capacity(due.len());
+        let mut attempts = Vec::with_capacity(due);
         while let Some(result) = deliveries.join_next().await {
             match result {
                 Ok(results) => attempts.extend(results),

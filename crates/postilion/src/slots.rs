@@ -30,11 +30,6 @@ impl KeyedSlots {
         KeyedSlots { limit, keys: Mutex::new(HashMap::new()) }
     }
 
-    /// Waits for one of `key`'s slots. Waiters are served in the order they came.
-    pub async fn acquire(&self, key: &str) -> KeyedPermit {
-        Self::wait(&self.slots(key)).await
-    }
-
     /// Waits for one slot of each of `keys` (a key named twice counts once) without holding
     /// some while it waits for another: a job for two mailboxes, one of them flooded, must not keep the
     /// other one's slots while it queues behind the flood. It waits for one busy key, then
@@ -125,34 +120,40 @@ mod tests {
     #[tokio::test]
     async fn each_key_has_its_own_limit() {
         let slots = KeyedSlots::new(2);
-        let first = slots.acquire("a").await;
-        let _second = slots.acquire("a").await;
-        assert!(ready(slots.acquire("a")).is_none(), "a third holder of one key");
+        let first = slots.acquire_all(&["a"]).await;
+        let _second = slots.acquire_all(&["a"]).await;
+        assert!(ready(slots.acquire_all(&["a"])).is_none(), "a third holder of one key");
         // Another key is not held up by the first.
-        let _other = ready(slots.acquire("b")).expect("another key waits for nothing");
+        let _other = ready(slots.acquire_all(&["b"])).expect("another key waits for nothing");
         drop(first);
-        assert!(ready(slots.acquire("a")).is_some(), "a slot given back is free again");
+        assert!(ready(slots.acquire_all(&["a"])).is_some(), "a slot given back is free again");
     }
 
     #[tokio::test]
     async fn several_keys_are_waited_for_holding_none_of_them() {
         let slots = KeyedSlots::new(1);
-        let flood = slots.acquire("z").await;
+        let flood = slots.acquire_all(&["z"]).await;
         let mut both = Box::pin(slots.acquire_all(&["a", "z"]));
         let mut context = std::task::Context::from_waker(std::task::Waker::noop());
         assert!(both.as_mut().poll(&mut context).is_pending(), "z is busy");
         // While it waits for z, a is free for others.
-        let other = ready(slots.acquire("a")).expect("a must not be held by a waiting job");
+        let other = ready(slots.acquire_all(&["a"])).expect("a must not be held by a waiting job");
         drop(flood);
         // It gets z, finds a busy, gives z back and waits for a.
         assert!(both.as_mut().poll(&mut context).is_pending(), "a is busy");
-        assert!(ready(slots.acquire("z")).is_some(), "z must not be held while waiting for a");
+        assert!(
+            ready(slots.acquire_all(&["z"])).is_some(),
+            "z must not be held while waiting for a"
+        );
         drop(other);
         let std::task::Poll::Ready(held) = both.as_mut().poll(&mut context) else {
             panic!("both keys are free");
         };
         assert_eq!(held.len(), 2);
-        assert!(ready(slots.acquire("a")).is_none() && ready(slots.acquire("z")).is_none());
+        assert!(
+            ready(slots.acquire_all(&["a"])).is_none()
+                && ready(slots.acquire_all(&["z"])).is_none()
+        );
     }
 
     #[tokio::test]
@@ -160,7 +161,7 @@ mod tests {
         // Another task takes a and b again and again; the job still gets both, if need be
         // by waiting for them in order after its rounds of giving back.
         let slots = Arc::new(KeyedSlots::new(1));
-        let (held_a, held_b) = (slots.acquire("a").await, slots.acquire("b").await);
+        let (held_a, held_b) = (slots.acquire_all(&["a"]).await, slots.acquire_all(&["b"]).await);
         let both = tokio::spawn({
             let slots = slots.clone();
             async move { slots.acquire_all(&["a", "b"]).await.len() }
@@ -169,7 +170,7 @@ mod tests {
             let slots = slots.clone();
             async move {
                 for _ in 0..20 {
-                    let (a, b) = (slots.acquire("a").await, slots.acquire("b").await);
+                    let (a, b) = (slots.acquire_all(&["a"]).await, slots.acquire_all(&["b"]).await);
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     drop((a, b));
                 }
@@ -186,19 +187,19 @@ mod tests {
         let slots = KeyedSlots::new(2);
         let held = slots.acquire_all(&["b", "a", "b"]).await;
         assert_eq!(held.len(), 2);
-        assert!(ready(slots.acquire("b")).is_some(), "b's second slot is still free");
+        assert!(ready(slots.acquire_all(&["b"])).is_some(), "b's second slot is still free");
     }
 
     #[tokio::test]
     async fn waiters_are_served_in_order() {
         let slots = Arc::new(KeyedSlots::new(1));
-        let held = slots.acquire("mailbox").await;
+        let held = slots.acquire_all(&["mailbox"]).await;
         let (order, mut served) = tokio::sync::mpsc::unbounded_channel();
         let mut waiters = Vec::new();
         for number in 0..5 {
             let (slots, order) = (slots.clone(), order.clone());
             waiters.push(tokio::spawn(async move {
-                let _permit = slots.acquire("mailbox").await;
+                let _permit = slots.acquire_all(&["mailbox"]).await;
                 order.send(number).unwrap();
             }));
             // Each waiter is queued before the next one starts.
@@ -218,16 +219,19 @@ mod tests {
     #[tokio::test]
     async fn idle_keys_are_forgotten_but_busy_ones_kept() {
         let slots = KeyedSlots::new(1);
-        let busy = slots.acquire("busy").await;
+        let busy = slots.acquire_all(&["busy"]).await;
         for key in 1..IDLE_KEYS_KEPT {
-            drop(slots.acquire(&key.to_string()).await);
+            drop(slots.acquire_all(&[key.to_string().as_str()]).await);
         }
         assert_eq!(slots.known_keys(), IDLE_KEYS_KEPT, "none forgotten up to the limit");
         // The next new key clears out the idle ones; the busy key keeps its only slot taken.
-        let _new = slots.acquire("new").await;
+        let _new = slots.acquire_all(&["new"]).await;
         assert_eq!(slots.known_keys(), 2);
-        assert!(ready(slots.acquire("busy")).is_none(), "the busy key's slot is still taken");
+        assert!(
+            ready(slots.acquire_all(&["busy"])).is_none(),
+            "the busy key's slot is still taken"
+        );
         drop(busy);
-        assert!(ready(slots.acquire("busy")).is_some());
+        assert!(ready(slots.acquire_all(&["busy"])).is_some());
     }
 }

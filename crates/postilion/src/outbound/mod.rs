@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{OutboundConfig, OutboundTls};
 use crate::delivery::Attempt;
-use crate::slots::KeyedSlots;
+use crate::slots::{KeyedPermit, KeyedSlots};
 use connection::{Connection, Dial};
 use dns::{Exchanger, MxResolver, RouteError};
 
@@ -107,7 +107,17 @@ impl Outbound {
         self.config.max_recipients
     }
 
-    /// Delivers one message to the recipients of one domain.
+    /// Takes a delivery slot of each of `domains` (at most `destination_concurrency`
+    /// deliveries to one domain at once), all or nothing (see
+    /// [`KeyedSlots::acquire_all`]). The caller takes them before anything else it holds
+    /// while it delivers (a remote delivery slot, the message's content): a delivery waiting
+    /// for a busy domain then holds nothing that deliveries to other domains need.
+    pub async fn reserve_destinations(&self, domains: &[&str]) -> Vec<KeyedPermit> {
+        self.destinations.acquire_all(domains).await
+    }
+
+    /// Delivers one message to the recipients of one domain, whose destination slot the
+    /// caller holds (see [`Outbound::reserve_destinations`]).
     pub async fn deliver(
         &self,
         id: QueueId,
@@ -123,7 +133,6 @@ impl Outbound {
                 return recipients.iter().map(|(i, _)| (*i, attempt.clone())).collect();
             }
         };
-        let _destination = self.destinations.acquire(domain).await;
         let _connection = self.connections.acquire().await;
         let mut last_failure = None;
         let mut any_temporary = false;
