@@ -23,7 +23,7 @@ use crate::admission::{Admission, Lane, LaneLimits};
 use crate::config::DeliveryConfig;
 use crate::notify::Notifier;
 use crate::outbound::Outbound;
-use crate::router::Router;
+use crate::router::{Destination, Router};
 use crate::slots::{KeyedPermit, KeyedSlots};
 
 /// Which recipients of a job an attempt is for, decided before it waits for its slots.
@@ -465,12 +465,14 @@ impl Deliverer {
         if due.is_empty() {
             return None;
         }
-        let (local, remote): (Vec<usize>, Vec<usize>) =
-            due.iter().partition(|&&i| self.router.is_local_address(&job.recipients[i].address));
-        let local: Vec<(usize, Option<String>)> = local
-            .into_iter()
-            .map(|i| (i, self.router.mailbox_for(&job.recipients[i].address)))
-            .collect();
+        let (mut local, mut remote) = (Vec::new(), Vec::new());
+        for &i in &due {
+            match self.router.destination(&job.recipients[i].address) {
+                Destination::Remote => remote.push(i),
+                Destination::Mailbox(mailbox) => local.push((i, Some(mailbox))),
+                Destination::NoMailbox => local.push((i, None)),
+            }
+        }
         Some(Plan { due, local, remote })
     }
 

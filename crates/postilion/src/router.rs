@@ -41,6 +41,18 @@ pub struct Router {
     aliases: HashMap<String, Vec<(String, String)>>,
 }
 
+/// Where a final address is delivered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// Over SMTP: the address is not in one of our domains.
+    Remote,
+    /// Into this local mailbox.
+    Mailbox(String),
+    /// In one of our domains, but no mailbox takes it (any more: the configuration changed
+    /// since the message was accepted).
+    NoMailbox,
+}
+
 /// The result of looking up a recipient.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Lookup {
@@ -111,14 +123,6 @@ impl Router {
         }
     }
 
-    /// Whether a final address (from [`Router::resolve`]) is in one of our domains; every
-    /// other address is delivered over SMTP.
-    pub fn is_local_address(&self, address: &str) -> bool {
-        address
-            .rsplit_once('@')
-            .is_some_and(|(_, domain)| self.domains.contains(&domain_key(domain)))
-    }
-
     /// What two final addresses (from [`Router::resolve`], or remote RCPTs) that are one
     /// recipient have in common: our mailboxes ignore case; a remote local part's case is
     /// the remote host's to interpret (RFC 5321 section 2.4), its domain is compared as
@@ -178,15 +182,21 @@ impl Router {
         }
     }
 
-    /// The mailbox a final address (from [`Router::resolve`]) delivers to.
-    pub fn mailbox_for(&self, address: &str) -> Option<String> {
-        let (local_part, domain) = address.rsplit_once('@')?;
+    /// Where a final address (from [`Router::resolve`]) is delivered: over SMTP unless it is
+    /// in one of our domains.
+    pub fn destination(&self, address: &str) -> Destination {
+        let Some((local_part, domain)) = address.rsplit_once('@') else {
+            return Destination::Remote;
+        };
         if !self.domains.contains(&domain_key(domain)) {
-            return None;
+            return Destination::Remote;
         }
         let key = local_part.to_lowercase();
         let base = self.strip_extension(&key);
-        (self.is_mailbox(base) || base == "postmaster").then(|| base.to_string())
+        match self.is_mailbox(base) || base == "postmaster" {
+            true => Destination::Mailbox(base.to_string()),
+            false => Destination::NoMailbox,
+        }
     }
 
     fn strip_extension<'a>(&self, local_part: &'a str) -> &'a str {
@@ -244,6 +254,13 @@ mod tests {
         })
     }
 
+    fn mailbox(router: &Router, address: &str) -> Option<String> {
+        match router.destination(address) {
+            Destination::Mailbox(mailbox) => Some(mailbox),
+            Destination::Remote | Destination::NoMailbox => None,
+        }
+    }
+
     fn local(addresses: &[&str]) -> Lookup {
         Lookup::Local(addresses.iter().map(|a| a.to_string()).collect())
     }
@@ -253,7 +270,7 @@ mod tests {
         let router = Router::new(&LocalConfig::default()).unwrap();
         assert_eq!(router.resolve(&rcpt("alice@localhost")), local(&["alice@localhost"]));
         assert_eq!(router.resolve(&rcpt("Bob@LOCALHOST.")), local(&["Bob@localhost"]));
-        assert_eq!(router.mailbox_for("Bob@localhost").as_deref(), Some("bob"));
+        assert_eq!(mailbox(&router, "Bob@localhost").as_deref(), Some("bob"));
         assert_eq!(router.resolve(&rcpt("alice@example.org")), Lookup::NotLocal);
         assert_eq!(router.resolve(&rcpt("../etc@localhost")), Lookup::NoSuchUser);
         assert_eq!(router.resolve(&rcpt(".hidden@localhost")), Lookup::NoSuchUser);
@@ -284,7 +301,7 @@ mod tests {
             router.resolve(&rcpt("max@München.example")),
             local(&["max@xn--mnchen-3ya.example"])
         );
-        assert!(router.is_local_address("anna@BÜCHER.example"));
+        assert_ne!(router.destination("anna@BÜCHER.example"), Destination::Remote);
         assert!(router.is_local_domain(&Domain::Name("xn--bcher-kva.example".into())));
         assert!(!router.is_local_domain(&Domain::Name("bucher.example".into())));
         // Alias targets too: a local one in the other form, a remote one as its A-label
@@ -310,11 +327,11 @@ mod tests {
     fn plus_addressing() {
         let router = Router::new(&LocalConfig::default()).unwrap();
         assert_eq!(router.resolve(&rcpt("alice+news@localhost")), local(&["alice+news@localhost"]));
-        assert_eq!(router.mailbox_for("alice+news@localhost").as_deref(), Some("alice"));
-        assert_eq!(router.mailbox_for("+x@localhost").as_deref(), Some("+x"));
+        assert_eq!(mailbox(&router, "alice+news@localhost").as_deref(), Some("alice"));
+        assert_eq!(mailbox(&router, "+x@localhost").as_deref(), Some("+x"));
         let config = LocalConfig { recipient_delimiter: String::new(), ..LocalConfig::default() };
         let router = Router::new(&config).unwrap();
-        assert_eq!(router.mailbox_for("alice+news@localhost").as_deref(), Some("alice+news"));
+        assert_eq!(mailbox(&router, "alice+news@localhost").as_deref(), Some("alice+news"));
     }
 
     #[test]
@@ -332,6 +349,8 @@ mod tests {
         let router = Router::new(&config).unwrap();
         assert_eq!(router.resolve(&rcpt("alice@example.org")), local(&["alice@example.org"]));
         assert_eq!(router.resolve(&rcpt("carol@example.org")), Lookup::NoSuchUser);
+        // A copy accepted for carol before she was taken out of the list.
+        assert_eq!(router.destination("carol@example.org"), Destination::NoMailbox);
         assert_eq!(
             router.resolve(&rcpt("team@example.org")),
             local(&["alice@example.org", "bob@example.net"])
@@ -345,7 +364,7 @@ mod tests {
             router.resolve(&rcpt("PostMaster@example.org")),
             local(&["PostMaster@example.org"])
         );
-        assert_eq!(router.mailbox_for("PostMaster@example.org").as_deref(), Some("postmaster"));
+        assert_eq!(mailbox(&router, "PostMaster@example.org").as_deref(), Some("postmaster"));
         let config = LocalConfig { catch_all: "bob".into(), ..config };
         let router = Router::new(&config).unwrap();
         assert_eq!(router.resolve(&rcpt("carol@example.org")), local(&["bob@example.org"]));
@@ -366,8 +385,8 @@ mod tests {
             router.resolve(&rcpt("team@localhost")),
             local(&["alice@localhost", "bob@remote.example"])
         );
-        assert!(!router.is_local_address("bob@remote.example"));
-        assert!(router.is_local_address("alice@LOCALHOST"));
+        assert_eq!(router.destination("bob@remote.example"), Destination::Remote);
+        assert_ne!(router.destination("alice@LOCALHOST"), Destination::Remote);
     }
 
     #[test]
