@@ -5,6 +5,7 @@ Every test points postilion's resolver at the test DNS server and its remote por
 peers' shared port, so no traffic leaves the loopback interface.
 """
 
+import contextlib
 import email
 import email.policy
 import smtplib
@@ -369,20 +370,13 @@ def test_a_bounce_that_cannot_be_delivered_makes_no_further_bounce(start_server,
 
 def test_silent_server_times_out_and_the_next_host_is_used(start_server, dns, smtp_peers):
     peers = smtp_peers(["127.0.0.3"])
-    silent = socket.socket()
-    silent.bind(("127.0.0.2", peers.port))
-    silent.listen(8)
-    accepted = []
-    threading.Thread(target=lambda: accepted.append(silent.accept()), daemon=True).start()
-    try:
+    with silent_host("127.0.0.2", peers.port) as (_, held):
         mx(dns, "example.test", (10, "mx1.example.test", "127.0.0.2"), (20, "mx2.example.test", "127.0.0.3"))
         server = relay(start_server, dns, peers.port, outbound={"greeting_timeout": "1s"})
         send(server, ["bob@example.test"])
         peers[0].wait_for(1)
-        assert accepted, "the silent host was tried first"
+        assert held, "the silent host was tried first"
         assert "no reply from mx1.example.test" in server.wait_for_log("no reply from mx1.example.test")
-    finally:
-        silent.close()
 
 
 def test_deferred_mail_survives_a_restart(start_server, dns, smtp_peers):
@@ -506,12 +500,12 @@ def test_a_pooled_connection_the_peer_closed_is_replaced_at_once(start_server, d
     assert "delivery deferred" not in server.log()
 
 
-def test_a_local_copy_does_not_wait_for_a_remote_slot(start_server, dns):
-    """One remote connection in all, held by a delivery to a host that never greets: a
-    message for a local mailbox and that host gets its local copy at once, its remote part
-    waiting alone (the local part takes only local slots), even with a single local worker."""
+@contextlib.contextmanager
+def silent_host(address, port=0):
+    """A listener on `address` that accepts connections and never greets; yields
+    (port, the connections it holds), and closes them all at the end."""
     silent = socket.socket()
-    silent.bind(("127.0.0.2", 0))
+    silent.bind((address, port))
     silent.listen(8)
     held = []
 
@@ -520,28 +514,40 @@ def test_a_local_copy_does_not_wait_for_a_remote_slot(start_server, dns):
             while True:
                 held.append(silent.accept()[0])
         except OSError:
-            pass  # closed at the end of the test
+            pass  # closed at the end
 
     threading.Thread(target=accept, daemon=True).start()
     try:
-        dns.add("stalled.test", "A", "127.0.0.2")
-        server = relay(
-            start_server, dns, silent.getsockname()[1],
-            outbound={"concurrency": 1, "greeting_timeout": "60s"},
-            delivery={"workers": 1},
-        )
-        send(server, ["bob@stalled.test"])
-        deadline = time.time() + 10
-        while not held and time.time() < deadline:
-            time.sleep(0.05)
-        assert held, "the first message's delivery is waiting for the silent host's greeting"
-        send(server, ["carol@stalled.test", "local1@localhost"])
-        server.wait_for_messages("local1", 1, timeout=5)
-        assert len(held) == 1, "the second message's remote part is still waiting for the slot"
+        yield silent.getsockname()[1], held
     finally:
         silent.close()
         for connection in held:
             connection.close()
+
+
+def wait_until_held(held):
+    deadline = time.time() + 10
+    while not held and time.time() < deadline:
+        time.sleep(0.05)
+    assert held, "the first message's delivery is waiting for the silent host's greeting"
+
+
+def test_a_local_copy_does_not_wait_for_a_remote_slot(start_server, dns):
+    """One remote connection in all, held by a delivery to a host that never greets: a
+    message for a local mailbox and that host gets its local copy at once, its remote part
+    waiting alone (the local part takes only local slots), even with a single local worker."""
+    with silent_host("127.0.0.2") as (port, held):
+        dns.add("stalled.test", "A", "127.0.0.2")
+        server = relay(
+            start_server, dns, port,
+            outbound={"concurrency": 1, "greeting_timeout": "60s"},
+            delivery={"workers": 1},
+        )
+        send(server, ["bob@stalled.test"])
+        wait_until_held(held)
+        send(server, ["carol@stalled.test", "local1@localhost"])
+        server.wait_for_messages("local1", 1, timeout=5)
+        assert len(held) == 1, "the second message's remote part is still waiting for the slot"
 
 
 def test_mail_for_a_stalled_domain_holds_no_remote_slot_while_it_waits_for_its_domain(
@@ -551,20 +557,7 @@ def test_mail_for_a_stalled_domain_holds_no_remote_slot_while_it_waits_for_its_d
     greets holds that domain's slot and one remote slot; the second waits for the domain's
     slot without taking the other remote slot, which the next domain's mail gets at once."""
     peers = smtp_peers(1)
-    silent = socket.socket()
-    silent.bind(("127.0.0.9", peers.port))
-    silent.listen(8)
-    held = []
-
-    def accept():
-        try:
-            while True:
-                held.append(silent.accept()[0])
-        except OSError:
-            pass  # closed at the end of the test
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
+    with silent_host("127.0.0.9", peers.port) as (_, held):
         dns.add("stalled.test", "A", "127.0.0.9")
         dns.add("working.test", "A", "127.0.0.2")
         server = relay(
@@ -573,15 +566,8 @@ def test_mail_for_a_stalled_domain_holds_no_remote_slot_while_it_waits_for_its_d
         )
         send(server, ["bob@stalled.test"])
         send(server, ["carol@stalled.test"])
-        deadline = time.time() + 10
-        while not held and time.time() < deadline:
-            time.sleep(0.05)
-        assert held, "the first message's delivery is waiting for the silent host's greeting"
+        wait_until_held(held)
         send(server, ["dave@working.test"])
         [message] = peers[0].wait_for(1, timeout=5)
         assert message.rcpt_tos == ["dave@working.test"]
         assert len(held) == 1, "one delivery at a time to the stalled domain"
-    finally:
-        silent.close()
-        for connection in held:
-            connection.close()
